@@ -1,0 +1,6 @@
+"""jqlora: QLoRA fine-tuning in pure JAX."""
+
+from jqlora.quant import QuantizedTensor, dequantize, quantize
+
+__all__ = ["QuantizedTensor", "dequantize", "quantize"]
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""`Linear`: the linear layer every model uses; a frozen (maybe 4-bit) base plus LoRA.
+
+    y = qmatmul(x, W) + bias + scale * (dropout(x) @ a.T @ b.T)
+
+``W`` is ``[out, in]`` (torch layout) and may be a ``QuantizedTensor``; the LoRA branch is
+taken when the ``"lora"`` collection holds an entry for this module (see ``spec.py``).
+Dropout runs only when the caller passes a ``"dropout"`` rng.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jqlora.kernels import qmatmul
+
+
+def lora_branch(x: jax.Array, adapter: dict, *, dropout_rng=None) -> jax.Array:
+    """``scale * (dropout(x) @ a.T @ b.T)`` in x's dtype."""
+    spec = adapter["spec"]
+    a, b = adapter["a"].astype(x.dtype), adapter["b"].astype(x.dtype)
+    if dropout_rng is not None and spec.dropout > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - spec.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    return ((x @ a.T) @ b.T) * jnp.asarray(spec.scale, x.dtype)
+
+
+class Linear(nn.Module):
+    """A linear layer in torch orientation whose weight may be quantized."""
+
+    features: int
+    use_bias: bool = False
+    dtype: jnp.dtype | None = None  # compute dtype; default: the input's
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if self.has_variable("params", "weight"):
+            # Read directly: flax's shape check would compare a QuantizedTensor's packed
+            # codes against the float shape and refuse.
+            weight = self.get_variable("params", "weight")
+        else:
+            weight = self.param("weight", nn.initializers.lecun_normal(), (self.features, in_features))
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = qmatmul(x, weight, compute_dtype=dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        if self.has_variable("lora", "a"):
+            adapter = {k: self.get_variable("lora", k) for k in ("a", "b", "spec")}
+            rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+            y = y + lora_branch(x, adapter, dropout_rng=rng)
+        return y
