@@ -1,14 +1,95 @@
 """`qmatmul`: the one place a (possibly quantized) weight meets an activation.
 
-PLACEHOLDER until the kernels land: dequantize-then-dot. The signature is the contract.
+    qmatmul(x, W) = x @ W.T        W: [out, in] (torch layout), x: [..., in]
+
+For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward is a
+fused dequantize-matmul and the backward ``dx = dy @ dequantize(W)`` runs through the same
+kind of kernel; the frozen weight gets no gradient. The back end is chosen here, never by
+callers: a Pallas kernel on GPU and TPU, the chunked XLA path elsewhere.
+``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jqlora.quant import QuantizedTensor, dequantize
+from jqlora.kernels import xla
+from jqlora.quant import QuantizedTensor
+
+BACKENDS = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
+ENV_VAR = "JQLORA_QMATMUL"
+
+
+def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
+    """The back end that will run ``x @ W.T``: "xla", "pallas_gpu" or "pallas_tpu".
+
+    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic) may name one; "pallas" means
+    the Pallas kernel of the platform (the GPU kernel, interpreted, on a CPU). The kernels
+    need whole blocks within each row (``in_features % blocksize == 0``); other weights
+    always take the XLA path.
+    """
+    choice = backend or os.environ.get(ENV_VAR) or None
+    if choice is not None and choice not in BACKENDS:
+        raise ValueError(f"qmatmul: unknown backend {choice!r} (from backend= or ${ENV_VAR}); expected one of {BACKENDS}")
+    platform = jax.default_backend()
+    if choice is None:
+        choice = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+    elif choice == "pallas":
+        choice = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    if choice != "xla" and not kernel_supports(w):
+        return "xla"
+    return choice
+
+
+def kernel_supports(w: QuantizedTensor) -> bool:
+    """Whether the Pallas kernels handle ``w``: 2-D, 2-D codes, blocks within rows."""
+    w = xla.local_weight(w)
+    return w.codes.ndim == 2 and w.shape[1] % w.blocksize == 0
+
+
+def _kernels(backend: str):
+    """``(matmul, matmul_t)`` of a back end; Pallas runs interpreted on a CPU."""
+    if backend == "xla":
+        return xla.matmul, xla.matmul_t
+    interpret = jax.default_backend() == "cpu"
+    if backend == "pallas_gpu":
+        from jqlora.kernels import pallas_gpu as mod
+    else:
+        from jqlora.kernels import pallas_tpu as mod
+    return (
+        functools.partial(mod.matmul, interpret=interpret),
+        functools.partial(mod.matmul_t, interpret=interpret),
+    )
+
+
+def _zero_cotangent(a):
+    if a is None:
+        return None
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul_2d(x: jax.Array, w: QuantizedTensor, dtype, backend: str) -> jax.Array:
+    return _kernels(backend)[0](x, w, dtype)
+
+
+def _fwd(x, w, dtype, backend):
+    return _kernels(backend)[0](x, w, dtype), w
+
+
+def _bwd(dtype, backend, w, dy):
+    dx = _kernels(backend)[1](dy, w, dtype)
+    return dx, jax.tree.map(_zero_cotangent, w)
+
+
+_qmatmul_2d.defvjp(_fwd, _bwd)
 
 
 def qmatmul(x: jax.Array, w, *, compute_dtype=None, backend: str | None = None) -> jax.Array:
@@ -16,10 +97,16 @@ def qmatmul(x: jax.Array, w, *, compute_dtype=None, backend: str | None = None) 
 
     ``w`` is a ``QuantizedTensor`` or a plain array. The matmul runs in ``compute_dtype``
     (default: ``x.dtype``) with float32 accumulation, and returns that dtype. No gradient
-    flows to a quantized ``w``.
+    flows to a quantized ``w``; a plain ``w`` is an ordinary differentiable ``einsum``.
     """
     dtype = jnp.dtype(compute_dtype or x.dtype)
-    wd = dequantize(w, dtype) if isinstance(w, QuantizedTensor) else w.astype(dtype)
-    if isinstance(w, QuantizedTensor):
-        wd = jax.lax.stop_gradient(wd)
-    return jnp.einsum("...k,nk->...n", x.astype(dtype), wd, preferred_element_type=jnp.float32).astype(dtype)
+    x = x.astype(dtype)
+    if not isinstance(w, QuantizedTensor):
+        return jnp.einsum("...k,nk->...n", x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    w = xla.local_weight(w)
+    k = w.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"qmatmul: x has {x.shape[-1]} features but the weight {w.shape} expects {k}")
+    lead = x.shape[:-1]
+    y = _qmatmul_2d(x.reshape(-1, k), w, dtype, resolve_backend(w, backend))
+    return y.reshape(*lead, w.shape[0])
