@@ -1,0 +1,283 @@
+"""Training data: JSON Lines -> token ids + loss mask -> fixed-shape batches, resumable.
+
+Each line of the file is one example in one of four formats (the first key found decides):
+
+- ``{"text": ...}``: plain text; loss on every token. A text longer than ``seq_len`` is cut
+  into consecutive windows, so nothing is thrown away.
+- ``{"prompt": ..., "completion": ...}``: loss on the completion (and the EOS after it).
+- ``{"instruction": ..., "input"?: ..., "output": ...}`` (Alpaca): rendered with the Alpaca
+  prompt; loss on the output (and EOS).
+- ``{"messages": [{"role", "content"}, ...]}`` (chat): rendered with the tokenizer's chat
+  template; loss on the assistant turns only (content and the end-of-turn token the template
+  puts after it). Templates add their own default system prompt when the conversation has
+  none (SmolLM2's does); generation renders the same way, so training and use agree.
+
+The loss mask is aligned with the tokens: ``loss_mask[t] = 1`` means token ``t`` is a
+target, i.e. the logits at ``t - 1`` are scored against it.
+
+Batches are padded on the right to the smallest *bucket* length that holds their longest
+example (two per octave up to ``seq_len``), so a run compiles the step for a handful of
+shapes at most. The order of batches is a pure function of ``(seed, index)``: the i-th
+micro-batch of a run is the same whether or not the run was interrupted, which is what
+makes ``--resume`` bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. Write a response that "
+    "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+FORMATS = ("text", "prompt/completion", "alpaca", "messages")
+
+
+class DataError(ValueError):
+    """A training file that cannot be used; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One tokenized sequence: ``input_ids`` (int32) and ``loss_mask`` (uint8), same length."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def load_tokenizer(model_path: str):
+    """The transformers tokenizer of a model directory or a GGUF file (which carries its own)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(model_path)
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """``(line_number, record)`` for every non-blank line; a bad line raises ``DataError``."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such data file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append((lineno, record))
+    if not records:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return records
+
+
+def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
+    value = record.get(key, "" if optional else None)
+    if not isinstance(value, str):
+        raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
+    return value
+
+
+def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, int]], bool]:
+    """The example as text, the character spans that carry loss, and whether to add BOS.
+
+    ``where`` ("file:line") prefixes every error.
+    """
+    eos = tokenizer.eos_token or ""
+    if "messages" in record:
+        return _render_chat(record["messages"], tokenizer, where) + (False,)
+    if "text" in record:
+        text = _string(record, "text", where)
+        return text, [(0, len(text))], True
+    if "prompt" in record or "completion" in record:
+        prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
+        text = prompt + completion + eos
+        return text, [(len(prompt), len(text))], True
+    if "instruction" in record or "output" in record:
+        instruction, output = _string(record, "instruction", where), _string(record, "output", where)
+        inp = _string(record, "input", where, optional=True)
+        prompt = ALPACA_PROMPT.format(
+            with_input=", paired with an input that provides further context" if inp else "",
+            instruction=instruction,
+            input_block=f"### Input:\n{inp}\n\n" if inp else "",
+        )
+        text = prompt + output + eos
+        return text, [(len(prompt), len(text))], True
+    raise DataError(
+        f"{where}: unknown example format with keys {sorted(record)}; expected one of "
+        '{"text"}, {"prompt", "completion"}, {"instruction", "input"?, "output"}, {"messages"}'
+    )
+
+
+def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f'{where}: messages[{i}] must be {{"role": str, "content": str}}')
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant message to learn from")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: chat examples need a tokenizer with a chat template; this one has none")
+    full = apply_chat_template(tokenizer, messages)
+    spans = []
+    # Each assistant turn is what rendering messages[:i+1] adds to messages[:i] + the
+    # generation prompt: its content plus the template's end-of-turn marker.
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = apply_chat_template(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = apply_chat_template(tokenizer, messages[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError(f"{where}: the chat template does not render turn by turn; cannot find the assistant span")
+        end = len(upto)
+        while end > len(before) and upto[end - 1].isspace():  # newline after the end marker: no loss
+            end -= 1
+        spans.append((len(before), end))
+    return full, spans
+
+
+def apply_chat_template(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """The conversation rendered as text (transformers 5 returns a dict when tokenizing; we never do)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return out if isinstance(out, str) else out["text"]
+
+
+def tokenize(text: str, spans: Sequence[tuple[int, int]], tokenizer, add_bos: bool) -> Example:
+    """Token ids of ``text`` and a mask marking tokens that fall inside ``spans``."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = list(enc["offset_mapping"])
+    mask = [int(any(s <= start < e for s, e in spans)) for start, _ in offsets]
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
+        ids, mask = [bos] + ids, [0] + mask
+    return Example(np.asarray(ids, np.int32), np.asarray(mask, np.uint8))
+
+
+def load_examples(path: str, tokenizer, seq_len: int) -> tuple[list[Example], dict]:
+    """Tokenize every line of ``path``; returns the examples and counts for the report.
+
+    Chat / prompt / Alpaca examples longer than ``seq_len`` are truncated (counted);
+    those left with no loss token are dropped (counted). Texts are windowed.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    examples, stats = [], {"lines": 0, "truncated": 0, "dropped": 0}
+    for lineno, record in read_jsonl(path):
+        stats["lines"] += 1
+        where = f"{path}:{lineno}"
+        text, spans, add_bos = render(record, tokenizer, where)
+        ex = tokenize(text, spans, tokenizer, add_bos)
+        if "text" in record and "messages" not in record and len(ex) > seq_len:
+            for s in range(0, len(ex) - 1, seq_len):  # windows; a 1-token tail has no target
+                examples.append(Example(ex.input_ids[s : s + seq_len], ex.loss_mask[s : s + seq_len]))
+            continue
+        if len(ex) > seq_len:
+            stats["truncated"] += 1
+            ex = Example(ex.input_ids[:seq_len], ex.loss_mask[:seq_len])
+        if ex.loss_mask[1:].sum() == 0:
+            stats["dropped"] += 1
+            continue
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no example has a token to learn from within seq_len={seq_len}")
+    return examples, stats
+
+
+def split_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A held-out split: ``round(fraction * n)`` examples (at least 1 when fraction > 0 and n > 1)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    n = len(examples)
+    n_eval = min(n - 1, max(1, round(eval_fraction * n))) if eval_fraction > 0 and n > 1 else 0
+    order = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    held = set(order[:n_eval].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def bucket_lengths(seq_len: int, smallest: int = 32) -> tuple[int, ...]:
+    """Lengths ``smallest * {1, 1.5} * 2**k`` below ``seq_len``, then ``seq_len`` itself.
+
+    Two buckets per octave keep padding under a third of a batch while the step compiles
+    for at most ``2 * log2(seq_len / smallest) + 1`` shapes.
+    """
+    out, b = [], smallest
+    while b < seq_len:
+        out.append(b)
+        if b * 3 // 2 < seq_len:
+            out.append(b * 3 // 2)
+        b *= 2
+    return tuple(out) + (seq_len,)
+
+
+def collate(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int) -> dict:
+    """Right-pad ``examples`` into ``[batch_size, bucket]`` arrays; missing rows are all padding.
+
+    Returns ``input_ids`` (int32), ``attention_mask`` (int32, 1 on real tokens) and
+    ``loss_mask`` (float32, 1 on target tokens).
+    """
+    longest = max(len(e) for e in examples)
+    length = next((b for b in buckets if b >= longest), None)
+    if length is None:
+        raise DataError(f"an example of {longest} tokens exceeds the largest bucket {buckets[-1]}")
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    attn = np.zeros((batch_size, length), np.int32)
+    loss = np.zeros((batch_size, length), np.float32)
+    for row, e in enumerate(examples):
+        ids[row, : len(e)] = e.input_ids
+        attn[row, : len(e)] = 1
+        loss[row, : len(e)] = e.loss_mask
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+class BatchStream:
+    """The run's micro-batches, addressable by index: ``stream[i]`` for i = 0, 1, 2, ...
+
+    Epoch ``e`` visits the examples in the permutation drawn from ``(seed, e)``; the last
+    batch of an epoch is filled up with padding rows (they carry no loss), so every example
+    is seen once per epoch. The data position saved in a checkpoint is just ``i``.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int, seed: int):
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if not examples:
+            raise DataError("no training examples")
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.buckets = bucket_lengths(seq_len)
+        self.batches_per_epoch = -(-len(examples) // batch_size)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, k = divmod(index, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        rows = self._order[1][k * self.batch_size : (k + 1) * self.batch_size]
+        return collate([self.examples[r] for r in rows], self.batch_size, self.buckets, self.pad_id)
+
+
+def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int) -> Iterator[dict]:
+    """The held-out set in fixed order, shortest first (least padding)."""
+    ordered = sorted(examples, key=len)
+    buckets = bucket_lengths(seq_len)
+    for s in range(0, len(ordered), batch_size):
+        yield collate(ordered[s : s + batch_size], batch_size, buckets, pad_id)
+
+
+def count_target_tokens(examples: Sequence[Example]) -> int:
+    """Tokens that carry loss (the first token of a sequence never does: nothing predicts it)."""
+    return int(sum(e.loss_mask[1:].sum() for e in examples))
