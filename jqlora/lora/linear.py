@@ -4,6 +4,7 @@
 
 ``W`` is ``[out, in]`` (torch layout) and may be a ``QuantizedTensor``; the LoRA branch is
 taken when the ``"lora"`` collection holds an entry for this module (see ``spec.py``).
+An entry that also holds ``"magnitude"`` is a DoRA adapter (see ``dora.py``).
 Dropout runs only when the caller passes a ``"dropout"`` rng.
 """
 
@@ -14,15 +15,26 @@ import jax
 import jax.numpy as jnp
 
 from jqlora.kernels import qmatmul
+from jqlora.lora.dora import dora_linear
+
+ADAPTER_KEYS = ("a", "b", "spec")
+DORA_KEY = "magnitude"
+
+
+def lora_dropout(x: jax.Array, rate: float, rng) -> jax.Array | None:
+    """Inverted dropout of ``x`` at ``rate``, or None when no dropout runs (no rng, or rate 0)."""
+    if rng is None or rate <= 0.0:
+        return None
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def lora_branch(x: jax.Array, adapter: dict, *, dropout_rng=None) -> jax.Array:
     """``scale * (dropout(x) @ a.T @ b.T)`` in x's dtype."""
     spec = adapter["spec"]
     a, b = adapter["a"].astype(x.dtype), adapter["b"].astype(x.dtype)
-    if dropout_rng is not None and spec.dropout > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - spec.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    dropped = lora_dropout(x, spec.dropout, dropout_rng)
+    x = x if dropped is None else dropped
     return ((x @ a.T) @ b.T) * jnp.asarray(spec.scale, x.dtype)
 
 
@@ -45,10 +57,15 @@ class Linear(nn.Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         y = qmatmul(x, weight, compute_dtype=dtype)
+        if self.has_variable("lora", "a"):
+            adapter = {k: self.get_variable("lora", k) for k in ADAPTER_KEYS}
+            rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+            if self.has_variable("lora", DORA_KEY):
+                adapter[DORA_KEY] = self.get_variable("lora", DORA_KEY)
+                dropped = lora_dropout(x, adapter["spec"].dropout, rng)
+                y = dora_linear(x, y, weight, adapter, dropped)
+            else:
+                y = y + lora_branch(x, adapter, dropout_rng=rng)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
-        if self.has_variable("lora", "a"):
-            adapter = {k: self.get_variable("lora", k) for k in ("a", "b", "spec")}
-            rng = self.make_rng("dropout") if self.has_rng("dropout") else None
-            y = y + lora_branch(x, adapter, dropout_rng=rng)
         return y
