@@ -1,0 +1,323 @@
+"""PEFT LoRA adapters in and out: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+The file layout is what peft 0.21 writes for a causal LM::
+
+    base_model.model.<module path>.lora_A.weight         [r, in]
+    base_model.model.<module path>.lora_B.weight         [out, r]
+    base_model.model.<module path>.lora_magnitude_vector [out]     (DoRA only)
+
+with the adapter name stripped. jqlora's ``lora`` tree holds the same tensors in the same
+orientation at the module's params path (``{"a", "b", "spec", "magnitude"?}``), so the
+conversion is a renaming plus the scale: PEFT keeps ``lora_alpha`` (and ``rank_pattern`` /
+``alpha_pattern``) in the config and computes ``scale = alpha / r`` (``alpha / sqrt(r)`` with
+rsLoRA) per module; jqlora keeps the scale in each entry's ``LoraSpec``.
+
+GPT-2's Conv1D layers store the base weight as ``[in, out]``, hence PEFT's
+``fan_in_fan_out: true``; that flag only changes how PEFT reads the *base* weight, the
+``lora_A`` / ``lora_B`` tensors have the orientation above for every layer type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jqlora.lora.spec import LoraSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"
+# GPT-2's torch Conv1D layers (weight stored [in, out]); PEFT marks them fan_in_fan_out.
+_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc"})
+_SUFFIXES = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",  # written by peft < 0.12
+}
+# adapter_config.json fields that change the forward pass in ways jqlora does not model.
+_UNSUPPORTED = {
+    "modules_to_save": None,
+    "lora_bias": False,
+    "bias": "none",
+    "layer_replication": None,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+}
+
+
+def iter_adapters(lora: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
+    """Yields ``(dotted module path, entry)`` for every adapter entry of a ``lora`` tree."""
+    if "spec" in lora or "a" in lora:
+        yield ".".join(prefix), lora
+        return
+    for key, sub in lora.items():
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"lora tree: {'.'.join(prefix + (str(key),))} is not an adapter entry or a dict")
+        yield from iter_adapters(sub, prefix + (str(key),))
+
+
+def _pattern_value(pattern: Mapping[str, Any], path: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key ``k`` with ``re.match((.*\\.)?(k)$, path)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _alpha_of(spec: LoraSpec, r: int, use_rslora: bool) -> float:
+    return spec.scale * (math.sqrt(r) if use_rslora else r)
+
+
+def _number(x: float):
+    """An alpha as PEFT writes it: an int when it is one."""
+    return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else float(x)
+
+
+def save_peft_adapter(
+    out_dir: str | os.PathLike,
+    lora: Mapping,
+    lora_config,
+    *,
+    base_model_name_or_path: str | None = None,
+    model_type: str | None = None,
+) -> None:
+    """Writes ``lora`` as a PEFT adapter that ``PeftModel.from_pretrained(base, out_dir)`` loads.
+
+    The per-module rank ``r_m`` is read from the tensors and ``alpha_m = scale_m * r_m``
+    (``scale_m * sqrt(r_m)`` with rsLoRA) from each entry's ``LoraSpec``; where the config's
+    ``r`` / ``alpha`` (and its patterns) do not reproduce them under PEFT's pattern rule, an
+    exact-path entry is put first in ``rank_pattern`` / ``alpha_pattern``. ``target_modules``
+    lists the module names that carry an adapter (what PEFT writes after expanding
+    ``"all-linear"``), or, for a regex target, a regex of exactly the adapted paths.
+    ``model_type`` only sets ``fan_in_fan_out`` (true for GPT-2); by default it is inferred
+    from the module paths. PiSSA / LoftQ adapters are written as plain LoRA
+    (``init_lora_weights: true``): they apply to the base jqlora trained them on.
+    """
+    entries = list(iter_adapters(lora))
+    if not entries:
+        raise ValueError("save_peft_adapter: the lora tree holds no adapter")
+    use_rslora = bool(getattr(lora_config, "use_rslora", False))
+    r0 = int(lora_config.r)
+    alpha0 = float(getattr(lora_config, "alpha", getattr(lora_config, "lora_alpha", r0)))
+    rank_pattern = dict(getattr(lora_config, "rank_pattern", None) or {})
+    alpha_pattern = dict(getattr(lora_config, "alpha_pattern", None) or {})
+    extra_rank, extra_alpha = {}, {}
+    tensors: dict[str, np.ndarray] = {}
+    with_magnitude = {path for path, e in entries if "magnitude" in e}
+    if with_magnitude and len(with_magnitude) != len(entries):
+        raise ValueError("save_peft_adapter: some adapters have a DoRA magnitude and some do not")
+    for path, entry in entries:
+        a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"save_peft_adapter: {path}: a {a.shape} and b {b.shape} are not [r, in] and [out, r]")
+        r = a.shape[0]
+        alpha = _alpha_of(entry["spec"], r, use_rslora)
+        if _pattern_value(rank_pattern, path, r0) != r:
+            extra_rank[re.escape(path)] = r
+        if not math.isclose(float(_pattern_value(alpha_pattern, path, alpha0)), alpha, rel_tol=1e-6):
+            extra_alpha[re.escape(path)] = _number(alpha)
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = b
+        if "magnitude" in entry:
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.asarray(entry["magnitude"], np.float32)
+    # First match wins in PEFT, so exact paths go before the user's patterns.
+    rank_pattern = {**extra_rank, **rank_pattern}
+    alpha_pattern = {**extra_alpha, **alpha_pattern}
+
+    target = getattr(lora_config, "target_modules", None)
+    paths = [p for p, _ in entries]
+    if isinstance(target, str) and target != "all-linear":
+        target_modules: Any = "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+    else:
+        target_modules = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if model_type is None:
+        is_gpt2 = all(p.startswith("transformer.h.") and p.rsplit(".", 1)[-1] in _CONV1D_NAMES for p in paths)
+        model_type = "gpt2" if is_gpt2 else None
+    init = getattr(lora_config, "init", "default")
+    config = _peft_config_dict(
+        r=r0,
+        lora_alpha=_number(alpha0),
+        lora_dropout=float(getattr(lora_config, "dropout", 0.0)),
+        target_modules=target_modules,
+        use_rslora=use_rslora,
+        use_dora=bool(with_magnitude),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=model_type == "gpt2",
+        init_lora_weights="gaussian" if init == "gaussian" else True,
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    _write(out_dir, tensors, config)
+
+
+def _peft_config_dict(**fields) -> dict:
+    """adapter_config.json with every field peft 0.21 writes, at its default unless given."""
+    config = {
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
+        "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
+        "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
+        "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
+        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0, "lora_ga_config": None,
+        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+        "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_VERSION,
+        "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": None,
+        "target_modules": None, "target_parameters": None, "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+        "use_qalora": False, "use_rslora": False, "velora_config": None,
+    }  # fmt: skip
+    config.update(fields)
+    return config
+
+
+def _write(out_dir, tensors: dict, config: dict) -> None:
+    """Writes both files beside each other; each appears whole or not at all."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, ADAPTER_WEIGHTS)
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    with open(os.path.join(out_dir, ADAPTER_CONFIG + ".tmp"), "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(weights + ".tmp", weights)
+    os.replace(os.path.join(out_dir, ADAPTER_CONFIG + ".tmp"), os.path.join(out_dir, ADAPTER_CONFIG))
+
+
+def read_peft_config(path: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of an adapter directory, checked to be a LoRA jqlora can run."""
+    file = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(file):
+        raise ValueError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    with open(file) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    for field, neutral in _UNSUPPORTED.items():
+        if config.get(field, neutral) not in (neutral, [], {}):
+            raise ValueError(f"{file}: {field}={config[field]!r} is not supported (only {neutral!r})")
+    return config
+
+
+def _read_tensors(path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        other = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+        hint = f" (found {other[0]}: re-save it with safetensors)" if other else ""
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
+    # The flax reader handles bfloat16 (numpy cannot); adapters are held in float32.
+    with safe_open(file, framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+
+
+def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
+    """Reads a PEFT LoRA adapter directory into ``(lora, lora_config)``.
+
+    Each module's ``LoraSpec.scale`` is ``alpha_m / r_m`` (``alpha_m / sqrt(r_m)`` with
+    rsLoRA), ``r_m`` and ``alpha_m`` resolved through ``rank_pattern`` / ``alpha_pattern`` as
+    PEFT does; the resolved rank must equal the tensors' rank. Adapters trained on a
+    bitsandbytes 4-bit base have the same layout and load the same way.
+
+    Every key must be ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` /
+    ``.lora_magnitude_vector``; anything else is an error, never silently dropped. Pass the
+    base ``params`` to also check that every adapted path is a linear layer of that model
+    with a matching ``[out, in]`` weight: an adapter whose paths miss the model would
+    otherwise change nothing.
+    """
+    config = read_peft_config(path)
+    tensors = _read_tensors(path)
+    if not tensors:
+        raise ValueError(f"{path}/{ADAPTER_WEIGHTS}: holds no tensors")
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{path}/{ADAPTER_WEIGHTS}: key {key!r} does not start with {PREFIX!r}")
+        for suffix, name in _SUFFIXES.items():
+            if key.endswith(suffix):
+                modules.setdefault(key[len(PREFIX) : -len(suffix)], {})[name] = value
+                break
+        else:
+            raise ValueError(
+                f"{path}/{ADAPTER_WEIGHTS}: unsupported key {key!r} (expected <path>.lora_A.weight, "
+                ".lora_B.weight or .lora_magnitude_vector, adapter name stripped)"
+            )
+    use_rslora = bool(config.get("use_rslora", False))
+    r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    dropout = float(config.get("lora_dropout", 0.0))
+    lora: dict = {}
+    for module, entry in sorted(modules.items()):
+        where = f"{path}/{ADAPTER_WEIGHTS}: {module}"
+        if "a" not in entry or "b" not in entry:
+            raise ValueError(f"{where}: needs both lora_A and lora_B, has {sorted(entry)}")
+        a, b = entry["a"], entry["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{where}: lora_A {a.shape} and lora_B {b.shape} are not [r, in] and [out, r]")
+        r = _pattern_value(rank_pattern, module, r0)
+        if r != a.shape[0]:
+            raise ValueError(f"{where}: the config gives rank {r}, the tensors rank {a.shape[0]}")
+        if config.get("use_dora") and "magnitude" not in entry:
+            raise ValueError(f"{where}: use_dora is set but lora_magnitude_vector is missing")
+        if "magnitude" in entry and entry["magnitude"].shape != (b.shape[0],):
+            raise ValueError(f"{where}: lora_magnitude_vector {entry['magnitude'].shape} is not [{b.shape[0]}]")
+        alpha = float(_pattern_value(alpha_pattern, module, alpha0))
+        spec = LoraSpec(scale=alpha / (math.sqrt(r) if use_rslora else r), dropout=dropout)
+        node = lora
+        for part in module.split("."):
+            node = node.setdefault(part, {})
+        node.update({k: entry[k] for k in ("a", "b", "magnitude") if k in entry}, spec=spec)
+    if params is not None:
+        check_adapter_paths(lora, params, source=str(path))
+    return lora, _jqlora_config(config)
+
+
+def check_adapter_paths(lora: Mapping, params: Mapping, *, source: str = "lora") -> None:
+    """Raises unless every adapter sits on a ``weight [out, in]`` of ``params`` with ``a``/``b`` fitting it."""
+    for path, entry in iter_adapters(lora):
+        node: Any = params
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise ValueError(
+                    f"{source}: adapter {path!r} matches no module of the model (no {part!r} "
+                    f"under it); was it saved for another architecture or with another key prefix?"
+                )
+            node = node[part]
+        if not isinstance(node, Mapping) or "weight" not in node:
+            raise ValueError(f"{source}: adapter {path!r} is not on a linear layer of the model")
+        out_f, in_f = tuple(node["weight"].shape)
+        (r, a_in), (b_out, _) = entry["a"].shape, entry["b"].shape
+        if (a_in, b_out) != (in_f, out_f):
+            raise ValueError(
+                f"{source}: adapter {path!r} is [{b_out}, {a_in}] (out, in) but the weight is [{out_f}, {in_f}]"
+            )
+
+
+def _jqlora_config(config: dict):
+    """The jqlora ``LoraConfig`` equivalent of a PEFT adapter config."""
+    from jqlora.lora import LoraConfig
+
+    target = config.get("target_modules")
+    init = config.get("init_lora_weights", True)
+    return LoraConfig(
+        r=int(config["r"]),
+        alpha=config["lora_alpha"],
+        dropout=float(config.get("lora_dropout", 0.0)),
+        target_modules=target if isinstance(target, str) else sorted(target),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        init="gaussian" if init == "gaussian" else "default",
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+    )
