@@ -23,12 +23,14 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from jqlora.lora.check import adapters, check_lora
 from jqlora.lora.spec import LoraSpec
+from jqlora.lora.targets import dotted
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,17 +55,6 @@ _UNSUPPORTED = {
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
 }
-
-
-def iter_adapters(lora: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
-    """Yields ``(dotted module path, entry)`` for every adapter entry of a ``lora`` tree."""
-    if "spec" in lora or "a" in lora:
-        yield ".".join(prefix), lora
-        return
-    for key, sub in lora.items():
-        if not isinstance(sub, Mapping):
-            raise ValueError(f"lora tree: {'.'.join(prefix + (str(key),))} is not an adapter entry or a dict")
-        yield from iter_adapters(sub, prefix + (str(key),))
 
 
 def _pattern_value(pattern: Mapping[str, Any], path: str, default):
@@ -103,7 +94,7 @@ def save_peft_adapter(
     from the module paths. PiSSA / LoftQ adapters are written as plain LoRA
     (``init_lora_weights: true``): they apply to the base jqlora trained them on.
     """
-    entries = list(iter_adapters(lora))
+    entries = [(dotted(path), entry) for path, entry in adapters(lora)]
     if not entries:
         raise ValueError("save_peft_adapter: the lora tree holds no adapter")
     use_rslora = bool(getattr(lora_config, "use_rslora", False))
@@ -279,29 +270,11 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
             node = node.setdefault(part, {})
         node.update({k: entry[k] for k in ("a", "b", "magnitude") if k in entry}, spec=spec)
     if params is not None:
-        check_adapter_paths(lora, params, source=str(path))
+        try:
+            check_lora(params, lora)
+        except ValueError as e:
+            raise ValueError(f"{path}: the adapter does not fit the model: {e}") from None
     return lora, _jqlora_config(config)
-
-
-def check_adapter_paths(lora: Mapping, params: Mapping, *, source: str = "lora") -> None:
-    """Raises unless every adapter sits on a ``weight [out, in]`` of ``params`` with ``a``/``b`` fitting it."""
-    for path, entry in iter_adapters(lora):
-        node: Any = params
-        for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                raise ValueError(
-                    f"{source}: adapter {path!r} matches no module of the model (no {part!r} "
-                    f"under it); was it saved for another architecture or with another key prefix?"
-                )
-            node = node[part]
-        if not isinstance(node, Mapping) or "weight" not in node:
-            raise ValueError(f"{source}: adapter {path!r} is not on a linear layer of the model")
-        out_f, in_f = tuple(node["weight"].shape)
-        (r, a_in), (b_out, _) = entry["a"].shape, entry["b"].shape
-        if (a_in, b_out) != (in_f, out_f):
-            raise ValueError(
-                f"{source}: adapter {path!r} is [{b_out}, {a_in}] (out, in) but the weight is [{out_f}, {in_f}]"
-            )
 
 
 def _jqlora_config(config: dict):

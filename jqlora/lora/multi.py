@@ -20,16 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from jqlora.lora.check import adapters as entries
 from jqlora.lora.spec import LoraSpec
-
-
-def _entries(lora: Mapping, prefix=()) -> dict[tuple[str, ...], Mapping]:
-    if "a" in lora:
-        return {prefix: lora}
-    out = {}
-    for key, sub in lora.items():
-        out.update(_entries(sub, prefix + (key,)))
-    return out
 
 
 def stack_adapters(adapters: Sequence[Mapping]) -> dict:
@@ -42,7 +34,7 @@ def stack_adapters(adapters: Sequence[Mapping]) -> dict:
     """
     if not adapters:
         raise ValueError("stack_adapters: no adapters given")
-    trees = [_entries(a) for a in adapters]
+    trees = [dict(entries(a)) for a in adapters]
     shapes: dict[tuple[str, ...], tuple[int, int, int]] = {}  # path -> (out, in, max r)
     for k, tree in enumerate(trees):
         for path, e in tree.items():
