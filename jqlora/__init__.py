@@ -5,6 +5,17 @@ from jqlora.quant import QuantizedTensor, dequantize, quantize
 __all__ = ["QuantizedTensor", "dequantize", "quantize"]
 __version__ = "0.1.0"
 
-from jqlora.lora import LoraConfig, LoraSpec, check_lora, init_lora  # noqa: E402
+from jqlora.lora import (  # noqa: E402
+    LoraConfig,
+    LoraSpec,
+    check_lora,
+    init_lora,
+    init_lora_and_residual,
+    merge_lora,
+)
 
-__all__ += ["LoraConfig", "LoraSpec", "check_lora", "init_lora"]
+__all__ += ["LoraConfig", "LoraSpec", "check_lora", "init_lora", "init_lora_and_residual", "merge_lora"]
+
+from jqlora.hf import QuantConfig, load_hf  # noqa: E402
+
+__all__ += ["QuantConfig", "load_hf"]

@@ -1,0 +1,6 @@
+"""Hugging Face checkpoints in and out: safetensors (sharded), bitsandbytes 4-bit, GGUF."""
+
+from jqlora.hf.load import load_hf
+from jqlora.hf.quant_config import QuantConfig
+
+__all__ = ["QuantConfig", "load_hf"]

@@ -1,0 +1,129 @@
+"""`load_hf`: a Hugging Face checkpoint (safetensors or GGUF) -> ``(model, params)``.
+
+Tensors are read one at a time; a linear weight that is to be quantized is quantized as soon
+as it is read, so a float copy of the whole model never exists. Which modules are quantized
+is transformers + bitsandbytes' rule: every linear layer except those ``skip_modules``
+names (``lm_head`` by default); embeddings and norms stay in ``dtype``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jqlora.hf import names as names_lib
+from jqlora.hf import safetensors_io
+from jqlora.hf.quant_config import QuantConfig
+from jqlora.models import checkpoint_map, model_for_config
+from jqlora.quant import quantize
+
+#: show a progress bar for checkpoints with more tensors than this
+PROGRESS_MIN_TENSORS = 16
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    show = total > PROGRESS_MIN_TENSORS if enabled is None else enabled
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not show, leave=False)
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise ValueError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory or a .gguf file)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_hf(
+    path,
+    quantization: QuantConfig | None = None,
+    dtype=jnp.float32,
+    *,
+    compute_dtype=None,
+    gguf_file: str | None = None,
+    progress: bool | None = None,
+):
+    """Load a causal LM checkpoint: ``model, params = load_hf(path, quantization, dtype)``.
+
+    path: a directory with config.json and ``model.safetensors`` (or shards with
+      ``model.safetensors.index.json``), or a ``.gguf`` file (or a directory plus ``gguf_file``).
+    quantization: quantize linear weights as they load (bitsandbytes-identical bytes). A
+      checkpoint that is already bitsandbytes 4-bit loads as it is stored; passing a
+      different ``quantization`` for it is an error.
+    dtype: the dtype of every float param (embeddings, norms, unquantized weights).
+    compute_dtype: the model's activation dtype (default ``dtype``).
+    """
+    path = Path(path)
+    compute_dtype = compute_dtype or dtype
+    if gguf_file is not None or path.suffix == ".gguf":
+        from jqlora.hf.gguf_io import load_gguf
+
+        return load_gguf(path / gguf_file if gguf_file else path, quantization, dtype, compute_dtype, progress)
+    hf_config = read_config(path)
+    model = model_for_config(hf_config, compute_dtype, source=str(path / "config.json"))
+    stored = hf_config.get("quantization_config")
+    if stored is not None:
+        stored = QuantConfig.from_hf(stored, source=str(path / "config.json"))
+        if quantization is not None and quantization != stored:
+            raise ValueError(
+                f"{path}: the checkpoint is already quantized ({stored}); cannot load it as {quantization}"
+            )
+        from jqlora.hf.bnb_io import load_prequantized
+
+        return model, load_prequantized(path, model, dtype, progress)
+    params = load_float_tensors(path, model, quantization, dtype, progress)
+    return model, params
+
+
+def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtype, progress=None) -> dict:
+    """The params tree from a float safetensors checkpoint, quantizing linear weights if asked."""
+    files = safetensors_io.checkpoint_files(path)
+    infos = safetensors_io.tensor_infos(files)
+    expected = names_lib.expected_params(model)
+    ckpt = checkpoint_map(model.config.hf["model_type"])
+    wanted = {}  # checkpoint name -> param name
+    for name in infos:
+        if ckpt.is_ignored(name) or (name == "lm_head.weight" and "lm_head.weight" not in expected.shapes):
+            continue
+        pname = ckpt.param_name(name, expected.shapes)
+        if pname not in expected.shapes:
+            raise ValueError(f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model.config.hf['model_type']!r}")
+        wanted[name] = pname
+    missing = sorted(set(expected.shapes) - set(wanted.values()))
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+
+    flat = {}
+    with progress_bar(len(wanted), f"loading {path.name}", progress) as bar:
+        for name, file, array in safetensors_io.iter_tensors(files, list(wanted)):
+            pname = wanted[name]
+            flat[pname] = convert_tensor(
+                array, pname, expected, quantization, dtype, transpose=ckpt.is_transposed(pname), source=f"{file}: tensor {name!r}"
+            )
+            del array
+            bar.update()
+    return names_lib.unflatten(flat)
+
+
+def convert_tensor(array, pname: str, expected, quantization, dtype, *, transpose=False, source=""):
+    """One checkpoint tensor -> its params leaf: transposed if stored ``[in, out]``, checked
+    against the shape the config implies, cast to ``dtype`` and quantized if it is a linear
+    weight that ``quantization`` covers."""
+    if transpose:
+        array = array.T
+    want = expected.shapes[pname]
+    if tuple(array.shape) != want:
+        raise ValueError(f"{source} has shape {tuple(array.shape)}, but config.json implies {want}")
+    array = array.astype(dtype)
+    module = pname.rpartition(".")[0]
+    if quantization is not None and expected.is_linear_weight(pname) and quantization.quantizes(module):
+        return quantize(
+            array, quantization.quant_type, quantization.blocksize, quantization.double_quant, name=pname
+        )
+    return array

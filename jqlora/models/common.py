@@ -1,0 +1,283 @@
+"""Pieces every architecture shares: embeddings, norms, RoPE, masked attention, the KV cache.
+
+Parameter names follow PyTorch (``weight``, ``bias``) so a params path is the Hugging Face
+parameter name split on dots.
+
+KV cache
+--------
+A ``KVCache`` holds, for every layer, the keys and values of all slots written so far::
+
+    keys[l], values[l]: [batch, max_len, n_kv_heads, head_dim]
+    valid:              [batch, max_len] bool   slot holds a real (not padding) token
+    index:              int32 scalar            slots filled so far (same for the batch)
+
+A forward pass with ``cache=`` writes its ``s`` new tokens at slots ``index .. index+s-1``
+and lets query slot ``i`` attend to every slot ``j <= i`` with ``valid[j]``; it returns
+``(logits, new_cache)`` with ``index`` advanced by ``s``. Left padding works by passing the
+prompt's ``attention_mask`` on the first call (padding slots stay invalid forever) and the
+positions the model should see (``positions``); decoding steps then pass ``[b, 1]`` ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jqlora.lora.linear import Linear
+
+__all__ = [
+    "ACTIVATIONS",
+    "CheckpointMap",
+    "Embed",
+    "KVCache",
+    "LayerNorm",
+    "LayerList",
+    "Linear",
+    "RMSNorm",
+    "apply_rope",
+    "attention",
+    "attention_mask",
+    "init_cache",
+    "write_cache",
+]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMap:
+    """How a family's checkpoint names differ from its params names (the identity by default).
+
+    ignore: regexes of checkpoint tensors that are buffers, not params (e.g. rotary inv_freq).
+    transposed: regexes of params stored ``[in, out]`` in checkpoints (GPT-2's Conv1D).
+    prefix: prepended to checkpoint names that lack it (old GPT-2 files have ``h.0...``).
+    """
+
+    ignore: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
+    prefix: str = ""
+
+    def is_ignored(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.ignore)
+
+    def is_transposed(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.transposed)
+
+    def param_name(self, name: str, expected) -> str:
+        if name not in expected and self.prefix and not name.startswith(self.prefix):
+            return self.prefix + name
+        return name
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Embed(nn.Module):
+    """Token or position embedding table ``weight: [num, features]``; never quantized."""
+
+    num: int
+    features: int
+    dtype: jnp.dtype | None = None
+
+    def setup(self):
+        self.weight = self.param("weight", nn.initializers.normal(0.02), (self.num, self.features))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight, ids, axis=0).astype(self.dtype or self.weight.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """``x @ weight.T``: the output head of a model with tied embeddings."""
+        return jnp.einsum("...d,vd->...v", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))``, the normalisation in float32 (as transformers)."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(dtype) * normed.astype(dtype)
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` in float32; no params when not affine."""
+
+    eps: float = 1e-5
+    affine: bool = True
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.param("weight", nn.initializers.ones, (x.shape[-1],)).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],)).astype(jnp.float32)
+        return y.astype(dtype)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attention_scale: float = 1.0) -> jax.Array:
+    """Rotary embedding, transformers' "rotate half" convention.
+
+    ``x: [b, s, h, d]``, ``positions: [b, s]``, ``inv_freq: [d/2]`` (float32). With
+    ``angle = pos * inv_freq`` duplicated to ``d``: ``x * cos + rotate_half(x) * sin`` where
+    ``rotate_half([x1, x2]) = [-x2, x1]``; cos and sin carry ``attention_scale`` (YaRN).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    cos = (jnp.cos(angles) * attention_scale).astype(x.dtype)[:, :, None, :]
+    sin = (jnp.sin(angles) * attention_scale).astype(x.dtype)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for generation; see the module docstring."""
+
+    keys: tuple
+    values: tuple
+    valid: jax.Array
+    index: jax.Array
+
+
+def init_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of ``max_len`` slots."""
+    shape = (batch, max_len, n_kv_heads, head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(n_layers))
+    return KVCache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def attention_mask(
+    batch: int,
+    seq: int,
+    padding_mask: jax.Array | None,
+    cache: KVCache | None,
+    sliding_window: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(mask [b, s, t], valid [b, t])``: query ``i`` may see key ``j`` iff ``j <= i``, key ``j``
+    is valid (not padding) and, with a window ``w``, ``j > i - w``.
+
+    Without a cache the keys are this call's ``s`` tokens; with one they are the cache's
+    ``max_len`` slots after this call's tokens are written at ``cache.index``.
+    """
+    new_valid = jnp.ones((batch, seq), bool) if padding_mask is None else padding_mask.astype(bool)
+    if cache is None:
+        start, valid = 0, new_valid
+    else:
+        start = cache.index
+        valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, start))
+    q_slot = start + jnp.arange(seq)[:, None]
+    k_slot = jnp.arange(valid.shape[1])[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window is not None:
+        allowed = allowed & (k_slot > q_slot - sliding_window)
+    return allowed[None] & valid[:, None, :], valid
+
+
+def write_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array]:
+    """The layer's cache with ``k, v: [b, s, kv, d]`` written at slot ``index``."""
+    k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+    return k, v
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query softmax attention.
+
+    ``q: [b, s, h, d]``, ``k, v: [b, t, kv, d]`` with ``h`` a multiple of ``kv`` (query head
+    ``i`` reads KV head ``i // (h / kv)``), ``mask: [b, s, t]`` bool. Scores
+    ``scale * q.k`` and the softmax are float32; a fully masked row (a padding query)
+    comes out as a uniform average instead of NaN. Returns ``[b, s, h * d]``.
+    """
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, s, kv, h // kv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype).reshape(b, s, h * d)
+
+
+class LayerList(nn.Module):
+    """The decoder blocks, named "0", "1", ... so their params sit at ``layers/{i}/...``.
+
+    ``block(config, layer_index, dtype)`` is called as ``block(h, *args, cache_kv=, cache_index=)``
+    and returns ``(h, cache_kv)``; the per-layer caches come back as a list (Nones without one).
+    """
+
+    block: type
+    config: object
+    n: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h, cache: KVCache | None, *args):
+        new_kv = []
+        for i in range(self.n):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            index = None if cache is None else cache.index
+            h, kv = self.block(self.config, i, self.dtype, name=str(i))(h, *args, cache_kv=kv, cache_index=index)
+            new_kv.append(kv)
+        return h, new_kv
+
+
+def next_cache(cache: KVCache | None, new_kv: list, valid: jax.Array, seq: int) -> KVCache | None:
+    """The cache after a forward pass of ``seq`` tokens (None without a cache)."""
+    if cache is None:
+        return None
+    return KVCache(tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv), valid, cache.index + seq)
+
+
+def default_positions(batch: int, seq: int, cache: KVCache | None) -> jax.Array:
+    """``index + arange(seq)`` for every row: transformers' default ``position_ids``."""
+    start = 0 if cache is None else cache.index
+    return jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
+
+
+def head_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,194 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2, SmolLM2 (``model_type`` llama, mistral, qwen2).
+
+    h = embed(ids)
+    per layer:  h += o_proj(attn(rope(q_proj(rms(h))), rope(k_proj(.)), v_proj(.)))
+                h += down_proj(act(gate_proj(rms(h))) * up_proj(rms(h)))
+    logits = lm_head(rms(h))            (or embed.attend with tied embeddings)
+
+Grouped-query attention (``num_key_value_heads``), RoPE with the ``rope_scaling`` variants
+of ``jqlora.models.rope``, q/k/v biases (Qwen2, or ``attention_bias``), an optional sliding
+window (Mistral). Parameter paths are the Hugging Face names:
+``model/layers/{i}/self_attn/q_proj/weight`` etc. (see ``jqlora.models.common`` for the
+``cache`` argument).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jqlora.models import common, rope
+from jqlora.models.common import Embed, KVCache, Linear, RMSNorm
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+CHECKPOINT = common.CheckpointMap(ignore=(r".*rotary_emb\.inv_freq",))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    hidden_act: str
+    rope: tuple  # sorted items of the rope parameters (hashable)
+    sliding_windows: tuple  # per layer: window size or None
+    hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> LlamaConfig:
+        model_type = d.get("model_type", "llama")
+        heads = d["num_attention_heads"]
+        n_layers = d["num_hidden_layers"]
+        qwen = model_type == "qwen2"
+        window = d.get("sliding_window")
+        if qwen:
+            use = d.get("use_sliding_window", False)
+            kinds = d.get("layer_types") or ["full_attention"] * n_layers
+            windows = tuple(window if use and k == "sliding_attention" else None for k in kinds)
+        else:
+            windows = (window,) * n_layers
+        rope_params = rope.rope_parameters(d)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qwen or bool(d.get("attention_bias", False)),
+            o_bias=(not qwen) and bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            hidden_act=d.get("hidden_act", "silu"),
+            rope=tuple(sorted((k, _freeze(v)) for k, v in rope_params.items())),
+            sliding_windows=windows,
+            hf=dict(d),
+        )
+
+    @property
+    def rope_params(self) -> dict:
+        return dict(self.rope)
+
+
+def _freeze(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    layer: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, mask, rope_freq, cache_kv=None, cache_index=None):
+        c = self.config
+        b, s, _ = x.shape
+        q = Linear(c.num_attention_heads * c.head_dim, c.qkv_bias, self.dtype, name="q_proj")(x)
+        k = Linear(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.dtype, name="k_proj")(x)
+        v = Linear(c.num_key_value_heads * c.head_dim, c.qkv_bias, self.dtype, name="v_proj")(x)
+        q = q.reshape(b, s, c.num_attention_heads, c.head_dim)
+        k = k.reshape(b, s, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(b, s, c.num_key_value_heads, c.head_dim)
+        inv_freq, scale = rope_freq
+        q = common.apply_rope(q, positions, inv_freq, scale)
+        k = common.apply_rope(k, positions, inv_freq, scale)
+        if cache_kv is not None:
+            k, v = cache_kv = common.write_cache(*cache_kv, k, v, cache_index)
+        out = common.attention(q, k, v, mask, common.head_scale(c.head_dim))
+        return Linear(c.hidden_size, c.o_bias, self.dtype, name="o_proj")(out), cache_kv
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        act = common.activation(c.hidden_act)
+        gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(x)
+        return Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    layer: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h, positions, masks, rope_freq, cache_kv=None, cache_index=None):
+        c = self.config
+        mask = masks[c.sliding_windows[self.layer]]
+        attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
+        attn_out, cache_kv = LlamaAttention(c, self.layer, self.dtype, name="self_attn")(
+            attn_in, positions, mask, rope_freq, cache_kv, cache_index
+        )
+        h = h + attn_out
+        mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
+        return h + LlamaMLP(c, self.dtype, name="mlp")(mlp_in), cache_kv
+
+
+class LlamaModel(nn.Module):
+    config: LlamaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, ids, attention_mask, positions, cache):
+        c = self.config
+        b, s = ids.shape
+        if positions is None:
+            positions = common.default_positions(b, s, cache)
+        masks, valid = {}, None
+        for window in set(c.sliding_windows):
+            masks[window], valid = common.attention_mask(b, s, attention_mask, cache, window)
+        rope_params = c.rope_params
+        if rope_params["rope_type"] == "dynamic":
+            rope_freq = (rope.dynamic_inv_freq(rope_params, c.head_dim, c.max_position_embeddings, positions), 1.0)
+        else:
+            inv_freq, scale = rope.static_inv_freq(rope_params, c.head_dim, c.max_position_embeddings)
+            rope_freq = (jnp.asarray(inv_freq), scale)
+        embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")
+        layers = common.LayerList(LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, name="layers")
+        h, new_kv = layers(embed(ids), cache, positions, masks, rope_freq)
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
+        return h, embed, common.next_cache(cache, new_kv, valid, s)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
+    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given)."""
+
+    config: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+        c = self.config
+        h, embed, new_cache = LlamaModel(c, self.dtype, name="model")(input_ids, attention_mask, positions, cache)
+        if c.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        return common.init_cache(
+            c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, dtype or self.dtype
+        )
