@@ -1,0 +1,82 @@
+"""Tiny models of every family with PEFT adapters: the references the PEFT, merge and
+generation tests compare jqlora against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+VOCAB = 96
+
+
+def tiny_configs() -> dict:
+    """One tiny transformers config per model family (GQA for Llama, Conv1D for GPT-2)."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    return {
+        "llama": LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+        "opt": OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0,
+        ),
+        "gpt2": GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0,
+        ),
+    }  # fmt: skip
+
+
+# Every linear layer but the output head, per family (PEFT needs names, not "all-linear",
+# to reproduce exactly the layers jqlora's "all-linear" selects).
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+# A second rank / alpha for one module name, to cover rank_pattern and alpha_pattern.
+PATTERNED = {"llama": "v_proj", "opt": "v_proj", "gpt2": "c_fc"}
+
+VARIANTS = {
+    "plain": dict(use_rslora=False, use_dora=False),
+    "rslora": dict(use_rslora=True, use_dora=False),
+    "dora": dict(use_rslora=False, use_dora=True),
+}
+
+
+def peft_config(family: str, variant: str, **overrides):
+    """A peft LoraConfig with a non-zero B (``init_lora_weights=False``) and patterns."""
+    from peft import LoraConfig
+
+    kwargs = dict(
+        r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False, task_type="CAUSAL_LM",
+        rank_pattern={PATTERNED[family]: 2}, alpha_pattern={PATTERNED[family]: 3},
+        fan_in_fan_out=family == "gpt2", **VARIANTS[variant],
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def load_torch(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def torch_logits(model, ids, mask=None) -> np.ndarray:
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long),
+            attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def jqlora_logits(model, params, ids, lora=None, mask=None) -> np.ndarray:
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    return np.asarray(model.apply(variables, np.asarray(ids), attention_mask=None if mask is None else np.asarray(mask)))
