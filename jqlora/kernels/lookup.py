@@ -1,0 +1,70 @@
+"""Pieces the Pallas kernels share: the code-book lookup and the kernel-side weight layout.
+
+GPU (Triton) and TPU (Mosaic) kernels cannot gather from a 16-entry table in registers, so a
+4-bit code ``c = b3 b2 b1 b0`` is looked up with a 4-level select tree::
+
+    level 1: t_j = b0 ? book[2j + 1] : book[2j]        (8 selects on constants)
+    level 2: u_j = b1 ? t[2j + 1]    : t[2j]            (4 selects)
+    level 3, 4: likewise on b2, b3                      (2 + 1 selects)
+
+15 selects per value, all on registers; the result equals ``book[c]`` exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqlora.kernels.xla import local_weight, plain_absmax
+from jqlora.quant import QuantizedTensor
+from jqlora.quant.codebooks import codebook
+
+
+def select_tree(codes: jax.Array, book: np.ndarray) -> jax.Array:
+    """``book[codes]`` (float32) for int32 ``codes`` in [0, 16), without a gather."""
+    values = [np.float32(v) for v in book]
+    for bit in range(4):
+        take_odd = ((codes >> bit) & 1) != 0
+        values = [jnp.where(take_odd, values[2 * j + 1], values[2 * j]) for j in range(len(values) // 2)]
+    (out,) = values
+    return jnp.broadcast_to(out, codes.shape).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelWeight:
+    """A weight ``W [N, K]`` as the kernels read it: packed codes and float32 block scales.
+
+    codes: uint8 ``[N, K // 2]`` (element ``2j`` in the high nibble of byte ``j``).
+    absmax: float32 ``[N, K // blocksize]``, double quantization already decoded.
+    """
+
+    codes: jax.Array | None
+    absmax: jax.Array | None
+    n: int
+    k: int
+    blocksize: int
+    quant_type: str
+
+    @property
+    def book(self) -> np.ndarray:
+        return codebook(self.quant_type)
+
+    def static(self) -> KernelWeight:
+        """The geometry alone (no arrays), for closing over in a kernel body."""
+        return dataclasses.replace(self, codes=None, absmax=None)
+
+
+def kernel_weight(w: QuantizedTensor) -> KernelWeight:
+    """The `KernelWeight` of ``w``; ``ValueError`` unless blocks lie within rows."""
+    w = local_weight(w)
+    n, k = w.shape
+    if w.codes.ndim != 2 or k % w.blocksize:
+        raise ValueError(
+            f"qmatmul kernels: weight {w.shape} has in_features not a multiple of blocksize "
+            f"{w.blocksize}; use the XLA back end"
+        )
+    absmax = plain_absmax(w).absmax.reshape(n, k // w.blocksize)
+    return KernelWeight(w.codes, absmax, n, k, w.blocksize, w.quant_type)
