@@ -1,0 +1,165 @@
+"""`jqlora generate` and `jqlora chat`: talk to a model (and its adapter) from the terminal.
+
+    jqlora generate --model DIR_OR_GGUF [--adapter DIR] --prompt TEXT [--prompt TEXT ...]
+    jqlora chat     --model DIR_OR_GGUF [--adapter DIR] [--system TEXT]
+
+``generate`` runs all prompts as one left-padded batch through ``jqlora.generate`` and
+prints each continuation; ``chat`` applies the tokenizer's chat template to the
+conversation so far and streams the reply token by token. The tokenizer is the model's
+own (transformers' ``AutoTokenizer``, also from a GGUF file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqlora.cli import InputError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    if model_path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(model_path) or ".", gguf_file=os.path.basename(model_path))
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def eos_ids(model_path: str, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any listed in the checkpoint's generation_config.json."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    config = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(config):
+        listed = json.loads(open(config).read()).get("eos_token_id")
+        ids += [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys(ids))
+
+
+def load_for_inference(args):
+    """``(model, params, lora, tokenizer)`` from the command line's model options."""
+    from jqlora.hf import QuantConfig, load_hf
+    from jqlora.hf.peft import load_peft_adapter
+
+    if not os.path.exists(args.model):
+        raise InputError(f"--model {args.model}: no such file or directory")
+    if args.adapter and not os.path.isdir(args.adapter):
+        raise InputError(f"--adapter {args.adapter}: no such directory")
+    quantization = QuantConfig(quant_type=args.quantize) if args.quantize else None
+    try:
+        model, params = load_hf(args.model, quantization, dtype=DTYPES[args.dtype])
+        lora = load_peft_adapter(args.adapter, params)[0] if args.adapter else None
+        tokenizer = load_tokenizer(args.model)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model, params, lora, tokenizer
+
+
+def _sampling(args) -> dict:
+    key = jax.random.PRNGKey(args.seed)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, key=key)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from jqlora.generate import generate
+
+    model, params, lora, tokenizer = load_for_inference(args)
+    encoded = [tokenizer(p)["input_ids"] for p in args.prompt]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.array([[pad] * (width - len(e)) + list(e) for e in encoded])
+    mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    out = generate(
+        model, params, ids, lora=lora, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+        eos_token_id=eos_ids(args.model, tokenizer) or None, pad_token_id=pad, **_sampling(args),
+    )  # fmt: skip
+    for i, row in enumerate(out[:, width:]):
+        if len(args.prompt) > 1:
+            print(f"--- {i}")
+        print(tokenizer.decode(row, skip_special_tokens=True))
+    return 0
+
+
+def stream_reply(model, params, lora, tokenizer, ids, eos, args, out=sys.stdout) -> str:
+    """Streams the reply to ``ids`` to ``out`` as it is produced; returns its text."""
+    from jqlora.generate import stream_generate
+
+    tokens, shown = [], ""
+    for token in stream_generate(
+        model, params, ids, lora=lora, max_new_tokens=args.max_new_tokens, eos_token_id=eos or None, **_sampling(args)
+    ):
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        # A token may end inside a multi-byte character: wait for the rest of it.
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown) :])
+            out.flush()
+            shown = text
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    out.write(text[len(shown) :] + "\n")
+    out.flush()
+    return text
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    model, params, lora, tokenizer = load_for_inference(args)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"--model {args.model}: the tokenizer has no chat template; use `jqlora generate`")
+    eos = eos_ids(args.model, tokenizer)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = stream_reply(model, params, lora, tokenizer, chat_ids(tokenizer, messages), eos, args)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _common(p: argparse.ArgumentParser, default_new_tokens: int) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory or a .gguf file")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply")
+    p.add_argument("--quantize", choices=("nf4", "fp4"), help="load the linear weights in 4 bits")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute and weight dtype")
+    p.add_argument("--max-new-tokens", type=int, default=default_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def register(subparsers) -> None:
+    g = subparsers.add_parser(
+        "generate",
+        help="continue prompts with a model (and adapter)",
+        description="Continue one or more prompts (batched, left-padded) with a KV-cached, jitted decode loop.",
+    )
+    _common(g, 128)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    g.set_defaults(func=run_generate)
+
+    c = subparsers.add_parser(
+        "chat",
+        help="chat with a model (and adapter) in the terminal",
+        description="Chat using the tokenizer's chat template; replies stream token by token. /exit or EOF ends.",
+    )
+    _common(c, 512)
+    c.add_argument("--system", help="system prompt")
+    c.set_defaults(func=run_chat)
