@@ -19,3 +19,14 @@ __all__ += ["LoraConfig", "LoraSpec", "check_lora", "init_lora", "init_lora_and_
 from jqlora.hf import QuantConfig, load_hf  # noqa: E402
 
 __all__ += ["QuantConfig", "load_hf"]
+
+from jqlora.train.step import (  # noqa: E402
+    TrainState,
+    init_train_state,
+    loss_fn,
+    make_optimizer,
+    make_train_step,
+    next_token_loss,
+)
+
+__all__ += ["TrainState", "init_train_state", "loss_fn", "make_optimizer", "make_train_step", "next_token_loss"]

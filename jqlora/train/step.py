@@ -1,0 +1,227 @@
+"""The QLoRA train step: next-token loss, gradients of the ``lora`` tree only, optax update.
+
+The pieces, smallest first::
+
+    loss, aux = next_token_loss(logits, batch)               # masked mean cross-entropy
+    loss, aux = loss_fn(lora, params, batch, model=model)    # forward + loss
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, batch, model=model)
+    optimizer = make_optimizer(learning_rate=2e-4)           # clip + AdamW (any optax works)
+    state = init_train_state(lora, optimizer)                # TrainState(step, lora, opt_state)
+    step = make_train_step(model, optimizer, remat="nothing_saveable")
+    state, metrics = step(state, params, batch)              # jitted, ``state`` donated
+
+A training loop is::
+
+    state = init_train_state(lora, optimizer)
+    step = make_train_step(model, optimizer)
+    for i, batch in enumerate(batches):
+        state, metrics = step(state, params, batch, rng=jax.random.fold_in(key, i))
+
+**Batch.** A dict of ``[batch, seq]`` integer arrays:
+
+* ``input_ids``: token ids;
+* ``attention_mask``: 1 for real tokens, 0 for padding (optional: all ones);
+* ``loss_mask``: 1 where the token is a *target* to predict, 0 for prompt tokens and
+  padding (optional: every real token after the first). Position ``t`` is predicted from
+  positions ``< t``, so ``loss_mask[:, 0]`` is never used.
+
+  Instead of ``loss_mask`` a batch may carry Hugging Face style ``labels`` (``-100`` =
+  ignored, otherwise equal to ``input_ids``); ``loss_mask = labels != -100``.
+
+**Why only the adapters get gradients.** ``value_and_grad`` differentiates argument 0,
+the ``lora`` tree; ``params`` enter as non-differentiated inputs, so XLA never builds a
+cotangent for a base weight, and optax's state is sized by the adapters alone.
+
+**Model contract.** ``model`` is a flax linen module called as
+``model.apply({"params": params, "lora": lora}, input_ids, attention_mask=mask,
+rngs={"dropout": rng})`` and returning logits ``[batch, seq, vocab]``. These optional
+module fields are set through ``Module.clone`` when the model declares them:
+
+* ``dtype``: the compute dtype (activations and matmuls);
+* ``remat``: ``None`` (keep all activations) or the name of a ``jax.checkpoint_policies``
+  policy (``"nothing_saveable"``: recompute each decoder layer in the backward pass;
+  ``"dots_with_no_batch_dims_saveable"``: keep the matmul outputs). The model wraps its
+  decoder-layer class in ``nn.remat(..., policy=getattr(jax.checkpoint_policies, remat))``;
+* ``scan_layers``: run the decoder layers under ``nn.scan`` (one compiled layer body)
+  instead of unrolled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jqlora.quant import QuantizedTensor
+
+IGNORE_INDEX = -100
+
+
+class TrainState(NamedTuple):
+    """What changes from step to step. ``params`` (the frozen base) is passed separately."""
+
+    step: jax.Array  # int32 scalar: number of updates applied
+    lora: Any  # the adapter tree (float32 master weights)
+    opt_state: optax.OptState
+
+
+def default_compute_dtype() -> jnp.dtype:
+    """bfloat16 on GPU/TPU, float32 on CPU (where bfloat16 matmuls are emulated and slow)."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def target_mask(batch: dict) -> jax.Array:
+    """``[batch, seq - 1]`` float32 weights of the targets ``input_ids[:, 1:]``.
+
+    A target counts when it is a real token (``attention_mask``) and is marked for the loss
+    (``loss_mask``, or ``labels != -100``).
+    """
+    ids = batch["input_ids"]
+    if "loss_mask" in batch and "labels" in batch:
+        raise ValueError("batch: give either 'loss_mask' or 'labels', not both")
+    mask = jnp.ones(ids.shape, jnp.bool_)
+    if "attention_mask" in batch:
+        mask &= batch["attention_mask"].astype(jnp.bool_)
+    if "loss_mask" in batch:
+        mask &= batch["loss_mask"].astype(jnp.bool_)
+    elif "labels" in batch:
+        mask &= batch["labels"] != IGNORE_INDEX
+    return mask[:, 1:].astype(jnp.float32)
+
+
+def next_token_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy over the counted targets, computed in float32.
+
+    ``loss = sum_{b,t} w[b,t] * (logsumexp(z[b,t]) - z[b,t,y[b,t+1]]) / max(1, sum w)``
+    with ``z = logits`` and ``w = target_mask(batch)``. Equals
+    ``torch.nn.functional.cross_entropy(z[:, :-1], labels[:, 1:], ignore_index=-100)``.
+    Returns ``(loss, {"tokens": sum w})``.
+    """
+    ids = batch["input_ids"]
+    if logits.shape[:2] != ids.shape:
+        raise ValueError(f"logits shape {logits.shape} does not match input_ids shape {ids.shape}")
+    z = logits[:, :-1].astype(jnp.float32)
+    targets = ids[:, 1:]
+    w = target_mask(batch)
+    target_logit = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(z, axis=-1) - target_logit
+    tokens = jnp.sum(w)
+    return jnp.sum(nll * w) / jnp.maximum(tokens, 1.0), {"tokens": tokens}
+
+
+def _cast_base(params, dtype):
+    """Float leaves of the base in the compute dtype; quantized and integer leaves unchanged."""
+
+    def cast(x):
+        if isinstance(x, QuantizedTensor) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def loss_fn(lora, params, batch: dict, *, model, compute_dtype=None, rng=None) -> tuple[jax.Array, dict]:
+    """Forward pass of ``model`` with adapters ``lora`` and the next-token loss.
+
+    Differentiate with respect to ``lora`` (argument 0) only. ``compute_dtype`` casts the
+    float leaves of the base (embeddings, norms, unquantized weights); the adapters stay
+    float32 and are cast where they meet the activations, so their gradients are float32.
+    ``rng`` turns LoRA dropout on.
+    """
+    if compute_dtype is not None:
+        params = _cast_base(params, compute_dtype)
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits = model.apply(
+        {"params": params, "lora": lora},
+        batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        rngs=rngs,
+    )
+    return next_token_loss(logits, batch)
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule = 2e-4,
+    *,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 0.3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Gradient clipping to ``max_grad_norm`` (global L2 norm; QLoRA uses 0.3) then AdamW.
+
+    Any optax ``GradientTransformation`` may be used instead; wrap it in
+    ``jqlora.offload`` to keep its state in host memory, or in ``optax.MultiSteps`` to
+    accumulate gradients over several batches.
+    """
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if max_grad_norm is None:
+        return adamw
+    if max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+
+
+def init_train_state(lora, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0: the adapters and a fresh optimizer state for them."""
+    return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=optimizer.init(lora))
+
+
+def configure_model(model, *, compute_dtype=None, remat: str | None = None, scan_layers: bool | None = None):
+    """``model`` with the train-time fields it declares set (see the module doc).
+
+    Asking for ``remat`` or ``scan_layers`` on a model without that field is an error,
+    since silently ignoring it would change the memory a run needs.
+    """
+    fields = {}
+    if compute_dtype is not None and hasattr(model, "dtype"):
+        fields["dtype"] = jnp.dtype(compute_dtype)
+    for name, value in (("remat", remat), ("scan_layers", scan_layers)):
+        if value is None:
+            continue
+        if not hasattr(model, name):
+            raise ValueError(f"{type(model).__name__} has no '{name}' field; cannot set {name}={value!r}")
+        fields[name] = value
+    if remat is not None and remat is not False and not hasattr(jax.checkpoint_policies, str(remat)):
+        names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {names}")
+    return model.clone(**fields) if fields else model
+
+
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    compute_dtype=None,
+    remat: str | None = None,
+    scan_layers: bool | None = None,
+    donate: bool = True,
+    jit: bool = True,
+) -> Callable:
+    """A jitted ``step(state, params, batch, rng=None) -> (state, metrics)``.
+
+    One step: ``(loss, aux), g = value_and_grad(loss_fn)(state.lora, params, batch)``;
+    ``u, opt_state = optimizer.update(g, state.opt_state, state.lora)``;
+    ``lora = optax.apply_updates(state.lora, u)``. ``metrics`` holds ``loss`` (before the
+    update), ``grad_norm`` (global L2 norm before clipping) and ``tokens`` (targets
+    counted). ``state`` is donated (its buffers are reused for the new state: do not use
+    the old one afterwards); ``params`` and ``batch`` are not. ``compute_dtype`` defaults
+    to ``default_compute_dtype()``; ``remat`` / ``scan_layers`` are passed to the model.
+    """
+    compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
+    model = configure_model(model, compute_dtype=compute_dtype, remat=remat, scan_layers=scan_layers)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, params, batch: dict, rng=None):
+        (loss, aux), grads = grad_fn(state.lora, params, batch, model=model, compute_dtype=compute_dtype, rng=rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": aux["tokens"]}
+        return TrainState(state.step + 1, lora, opt_state), metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())

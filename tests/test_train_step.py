@@ -1,0 +1,185 @@
+"""The QLoRA train step: loss against torch, gradients for the adapters only, learning."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from jqlora.train.step import (
+    init_train_state,
+    loss_fn,
+    make_optimizer,
+    make_train_step,
+    next_token_loss,
+)
+from tiny_lm import TinyLM, init_params, make_lora, quantize_base
+
+
+def _batch(key, b=4, t=16, vocab=64, prompt=3):
+    ids = jax.random.randint(key, (b, t), 0, vocab)
+    lengths = jnp.array([t, t - 5, t - 1, t - 9][:b])
+    attn = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.int32)
+    loss_mask = attn * (jnp.arange(t)[None] >= prompt)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def test_loss_equals_torch_cross_entropy_with_ignore_index():
+    batch = _batch(jax.random.key(0), vocab=50)
+    logits = 4.0 * jax.random.normal(jax.random.key(1), (*batch["input_ids"].shape, 50))
+    loss, aux = next_token_loss(logits, batch)
+
+    keep = np.asarray(batch["attention_mask"] * batch["loss_mask"]).astype(bool)
+    labels = np.where(keep, np.asarray(batch["input_ids"]), -100)
+    ref = torch.nn.functional.cross_entropy(
+        torch.from_numpy(np.asarray(logits)[:, :-1].reshape(-1, 50)),
+        torch.from_numpy(labels[:, 1:].reshape(-1).astype(np.int64)),
+        ignore_index=-100,
+    )
+    np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-6)
+    assert int(aux["tokens"]) == int((labels[:, 1:] != -100).sum())
+
+    # The same batch given as Hugging Face labels.
+    hf = {"input_ids": batch["input_ids"], "labels": jnp.asarray(labels)}
+    np.testing.assert_allclose(float(next_token_loss(logits, hf)[0]), ref.item(), rtol=1e-6)
+    # bfloat16 logits are upcast before the softmax.
+    lo = next_token_loss(logits.astype(jnp.bfloat16), batch)[0]
+    np.testing.assert_allclose(float(lo), ref.item(), rtol=2e-2)
+
+
+def test_batch_errors():
+    batch = _batch(jax.random.key(0))
+    with pytest.raises(ValueError, match="logits shape"):
+        next_token_loss(jnp.zeros((4, 15, 8)), batch)
+    with pytest.raises(ValueError, match="not both"):
+        next_token_loss(jnp.zeros((4, 16, 64)), {**batch, "labels": batch["input_ids"]})
+
+
+def _setup(quantized=True, **kw):
+    model = TinyLM(**kw)
+    params = init_params(model, jax.random.key(0))
+    lora = make_lora(jax.random.key(1), params, init_b=0.05)
+    return model, (quantize_base(params) if quantized else params), lora
+
+
+def test_gradients_only_for_lora():
+    model, params, lora = _setup()
+    grads = jax.jit(jax.grad(lambda l: loss_fn(l, params, _batch(jax.random.key(2)), model=model)[0]))(lora)
+    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+    for g, x in zip(jax.tree.leaves(grads), jax.tree.leaves(lora)):
+        assert g.shape == x.shape and g.dtype == jnp.float32
+        assert float(jnp.abs(g).max()) > 0
+
+
+def test_compiled_step_holds_no_base_gradient():
+    """A base of plain f32 weights much larger than everything else: had XLA built its
+    gradient, the step's temporaries would hold at least the base's size again."""
+    model, params, lora = _setup(quantized=False, vocab=32, hidden=128, intermediate=384, layers=3)
+    opt = make_optimizer(1e-3)
+    state = init_train_state(lora, opt)
+    batch = _batch(jax.random.key(2), b=1, t=8, vocab=32)
+    compiled = make_train_step(model, opt).lower(state, params, batch).compile()
+    mem = compiled.memory_analysis()
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    lora_bytes = sum(x.nbytes for x in jax.tree.leaves(lora))
+    assert base_bytes > 20 * lora_bytes
+    assert mem.temp_size_in_bytes < 0.25 * base_bytes, (mem, base_bytes)
+    # Nor does the optimized HLO compute any f32 value of a decoder weight's shape.
+    computed = [
+        line
+        for line in compiled.as_text().splitlines()
+        if re.match(r"\s+(ROOT )?%?\S+ = f32\[(384,128|128,384)\]", line)
+        and not re.search(r"= f32\[\S+ (parameter|get-tuple-element|bitcast)\(", line)
+    ]
+    assert not computed, computed
+
+
+def test_training_drives_the_loss_down():
+    """Learn 'next = previous + 1 (mod vocab)' through adapters on a frozen NF4 base."""
+    model, params, lora = _setup(vocab=32, hidden=32, intermediate=64, layers=2)
+    opt = make_optimizer(1e-2, max_grad_norm=1.0)
+    state = init_train_state(lora, opt)
+    step = make_train_step(model, opt, remat="nothing_saveable")
+    key = jax.random.key(3)
+    losses = []
+    for i in range(300):
+        start = jax.random.randint(jax.random.fold_in(key, i), (8, 1), 0, 32)
+        ids = (start + jnp.arange(12)[None]) % 32
+        state, metrics = step(state, params, {"input_ids": ids})
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 300
+    assert np.mean(losses[:5]) > 2.5
+    assert np.mean(losses[-10:]) < 0.1 * np.mean(losses[:5]), losses[::30]
+
+
+def _stack_layers(tree, n):
+    """An unrolled tree (``layers_0`` ... ``layers_{n-1}``) in the scanned layout (``layers``)."""
+    rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"] for i in range(n)])}
+
+
+@pytest.mark.parametrize("variant", [{"remat": "nothing_saveable"}, {"scan_layers": True, "remat": "nothing_saveable"}])
+def test_remat_and_scan_compute_the_same_step(variant):
+    model, params, lora = _setup(quantized=False)
+    batch = _batch(jax.random.key(2))
+    opt = optax.adam(1e-2)
+    s_ref, m_ref = make_train_step(model, opt, donate=False)(init_train_state(lora, opt), params, batch)
+    if variant.get("scan_layers"):
+        params, lora = _stack_layers(params, model.layers), _stack_layers(lora, model.layers)
+    s, m = make_train_step(model, opt, **variant, donate=False)(init_train_state(lora, opt), params, batch)
+    np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-6)
+    if variant.get("scan_layers"):
+        s_ref = s_ref._replace(lora=_stack_layers(s_ref.lora, model.layers))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), s.lora, s_ref.lora)
+
+
+def test_remat_saves_activation_memory():
+    """Scanned layers: XLA's CPU scheduler recomputes unrolled checkpointed layers early,
+    so only under ``nn.scan`` does remat's saving show in the CPU memory analysis."""
+    model, params, lora = _setup(quantized=False, layers=4, scan_layers=True)
+    opt = optax.sgd(1e-2)
+    state = init_train_state(lora, opt)
+    batch = _batch(jax.random.key(2), t=64)
+
+    def temp(**kw):
+        step = make_train_step(model, opt, **kw)
+        return step.lower(state, params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(remat="nothing_saveable") < 0.5 * temp()
+
+
+def test_bfloat16_compute_keeps_float32_adapters():
+    model, params, lora = _setup()
+    opt = make_optimizer(1e-3)
+    step = make_train_step(model, opt, compute_dtype=jnp.bfloat16)
+    state, metrics = step(init_train_state(lora, opt), params, _batch(jax.random.key(2)))
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.lora))
+
+
+def test_state_is_donated():
+    model, params, lora = _setup()
+    opt = make_optimizer(1e-3)
+    state = init_train_state(jax.tree.map(jnp.copy, lora), opt)
+    step = make_train_step(model, opt)
+    new, _ = step(state, params, _batch(jax.random.key(2)))
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.opt_state))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new.lora))
+
+
+def test_train_time_options_are_checked():
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, ids, attention_mask=None):
+            return jnp.zeros((*ids.shape, 4))
+
+    with pytest.raises(ValueError, match="no 'remat' field"):
+        make_train_step(Plain(), optax.sgd(0.1), remat="nothing_saveable")
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        make_train_step(TinyLM(), optax.sgd(0.1), remat="everything_recomputed")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_optimizer(max_grad_norm=0.0)
