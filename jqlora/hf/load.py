@@ -120,7 +120,7 @@ def convert_tensor(array, pname: str, expected, quantization, dtype, *, transpos
     want = expected.shapes[pname]
     if tuple(array.shape) != want:
         raise ValueError(f"{source} has shape {tuple(array.shape)}, but config.json implies {want}")
-    array = array.astype(dtype)
+    array = jnp.asarray(array).astype(dtype)
     module = pname.rpartition(".")[0]
     if quantization is not None and expected.is_linear_weight(pname) and quantization.quantizes(module):
         return quantize(

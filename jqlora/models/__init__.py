@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jqlora.models import llama
+from jqlora.models import gpt2, llama, opt
 from jqlora.models.common import CheckpointMap, KVCache
 from jqlora.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -23,6 +23,8 @@ def _register(module, config_cls, model_cls):
 
 
 _register(llama, LlamaConfig, LlamaForCausalLM)
+_register(opt, opt.OPTConfig, opt.OPTForCausalLM)
+_register(gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel)
 
 
 def checkpoint_map(model_type: str) -> CheckpointMap:

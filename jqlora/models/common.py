@@ -86,15 +86,10 @@ class Embed(nn.Module):
     features: int
     dtype: jnp.dtype | None = None
 
-    def setup(self):
-        self.weight = self.param("weight", nn.initializers.normal(0.02), (self.num, self.features))
-
+    @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight, ids, axis=0).astype(self.dtype or self.weight.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """``x @ weight.T``: the output head of a model with tied embeddings."""
-        return jnp.einsum("...d,vd->...v", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        weight = self.param("weight", nn.initializers.normal(0.02), (self.num, self.features))
+        return jnp.take(weight, ids, axis=0).astype(self.dtype or weight.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -246,24 +241,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
 class LayerList(nn.Module):
     """The decoder blocks, named "0", "1", ... so their params sit at ``layers/{i}/...``.
 
-    ``block(config, layer_index, dtype)`` is called as ``block(h, *args, cache_kv=, cache_index=)``
-    and returns ``(h, cache_kv)``; the per-layer caches come back as a list (Nones without one).
+    ``block(config, layer_index, dtype)`` is called as ``block(h, cache_kv, cache_index, *args)``
+    and returns ``(h, cache_kv)``; the per-layer caches come back as a list (Nones without
+    one). ``remat`` names a ``jax.checkpoint_policies`` policy: each block is rematerialized
+    under it in the backward pass.
     """
 
     block: type
     config: object
     n: int
     dtype: jnp.dtype
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, h, cache: KVCache | None, *args):
+        block = self.block
+        if self.remat:
+            block = nn.remat(block, policy=getattr(jax.checkpoint_policies, self.remat))
         new_kv = []
         for i in range(self.n):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             index = None if cache is None else cache.index
-            h, kv = self.block(self.config, i, self.dtype, name=str(i))(h, *args, cache_kv=kv, cache_index=index)
+            h, kv = block(self.config, i, self.dtype, name=str(i))(h, kv, index, *args)
             new_kv.append(kv)
         return h, new_kv
+
+
+def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
+    """``h @ embedding.T``: the output head of a model whose lm_head is its input embedding."""
+    return jnp.einsum("...d,vd->...v", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32).astype(h.dtype)
 
 
 def next_cache(cache: KVCache | None, new_kv: list, valid: jax.Array, seq: int) -> KVCache | None:

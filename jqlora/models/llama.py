@@ -132,7 +132,7 @@ class LlamaDecoderLayer(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, h, positions, masks, rope_freq, cache_kv=None, cache_index=None):
+    def __call__(self, h, cache_kv, cache_index, positions, masks, rope_freq):
         c = self.config
         mask = masks[c.sliding_windows[self.layer]]
         attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
@@ -147,6 +147,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
@@ -164,10 +165,10 @@ class LlamaModel(nn.Module):
             inv_freq, scale = rope.static_inv_freq(rope_params, c.head_dim, c.max_position_embeddings)
             rope_freq = (jnp.asarray(inv_freq), scale)
         embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")
-        layers = common.LayerList(LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, name="layers")
+        layers = common.LayerList(LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers")
         h, new_kv = layers(embed(ids), cache, positions, masks, rope_freq)
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
-        return h, embed, common.next_cache(cache, new_kv, valid, s)
+        return h, common.next_cache(cache, new_kv, valid, s)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -176,13 +177,14 @@ class LlamaForCausalLM(nn.Module):
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each decoder layer
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.config
-        h, embed, new_cache = LlamaModel(c, self.dtype, name="model")(input_ids, attention_mask, positions, cache)
+        h, new_cache = LlamaModel(c, self.dtype, self.remat, name="model")(input_ids, attention_mask, positions, cache)
         if c.tie_word_embeddings:
-            logits = embed.attend(h)
+            logits = common.tied_logits(h, self.variables["params"]["model"]["embed_tokens"]["weight"])
         else:
             logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)
         return logits if cache is None else (logits, new_cache)
