@@ -30,3 +30,7 @@ from jqlora.train.step import (  # noqa: E402
 )
 
 __all__ += ["TrainState", "init_train_state", "loss_fn", "make_optimizer", "make_train_step", "next_token_loss"]
+
+from jqlora.train.offload import offload  # noqa: E402
+
+__all__ += ["offload"]

@@ -158,6 +158,7 @@ def make_lora(key, params, r=4, alpha=8.0, init_b=0.0):
         for n in names[:-1]:
             node = node.setdefault(n, {})
         node[names[-1]] = {"a": a, "b": b, "spec": LoraSpec(alpha / r)}
+    assert entries, "make_lora needs the float params (before quantize_base)"
     return entries
 
 
