@@ -4,6 +4,8 @@ from jqlora.lora.check import check_lora
 from jqlora.lora.config import ALL_LINEAR, ATTENTION_ONLY, LoraConfig
 from jqlora.lora.init import init_lora
 from jqlora.lora.linear import Linear, lora_branch
+from jqlora.lora.merge import merge_lora
+from jqlora.lora.residual import init_lora_and_residual, svd_lowrank
 from jqlora.lora.spec import LoraSpec
 from jqlora.lora.targets import linear_modules, select_targets
 
@@ -15,7 +17,10 @@ __all__ = [
     "LoraSpec",
     "check_lora",
     "init_lora",
+    "init_lora_and_residual",
     "linear_modules",
     "lora_branch",
+    "merge_lora",
     "select_targets",
+    "svd_lowrank",
 ]
