@@ -33,6 +33,45 @@ def select_tree(codes: jax.Array, book: np.ndarray) -> jax.Array:
     return jnp.broadcast_to(out, codes.shape).astype(jnp.float32)
 
 
+def _varying(a) -> frozenset:
+    aval = jax.typeof(a)
+    if hasattr(aval, "mat"):
+        return frozenset(aval.mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def vary_alike(*operands):
+    """``operands``, each made to vary over every manual mesh axis any of them varies over.
+
+    Under ``shard_map`` a replicated activation meets a sharded weight; a ``pallas_call``
+    wants its operands typed alike (the interpreter carries them through one loop).
+    """
+    axes = frozenset().union(*(_varying(a) for a in operands))
+    cast = getattr(jax.lax, "pcast", None)
+    out = []
+    for a in operands:
+        missing = tuple(sorted(axes - _varying(a)))
+        if missing:
+            a = cast(a, missing, to="varying") if cast is not None else jax.lax.pvary(a, missing)
+        out.append(a)
+    return out
+
+
+def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+    """A kernel output's shape and dtype, varying over the manual mesh axes its operands vary over.
+
+    ``shard_map`` (with its default ``check_vma``) needs this on every ``pallas_call`` output.
+    jax 0.10 names it ``manual_axis_type`` (a ``ManualAxisType``); earlier versions ``vma``.
+    """
+    avals = [jax.typeof(a) for a in operands]
+    if hasattr(avals[0], "mat"):
+        varying = frozenset().union(*(a.mat.varying for a in avals))
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(avals[0].mat)(varying=varying))
+    if hasattr(avals[0], "vma"):
+        return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*(a.vma for a in avals)))
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelWeight:
     """A weight ``W [N, K]`` as the kernels read it: packed codes and float32 block scales.
@@ -57,8 +96,11 @@ class KernelWeight:
         return dataclasses.replace(self, codes=None, absmax=None)
 
 
-def kernel_weight(w: QuantizedTensor) -> KernelWeight:
-    """The `KernelWeight` of ``w``; ``ValueError`` unless blocks lie within rows."""
+def kernel_weight(w: QuantizedTensor, *operands) -> KernelWeight:
+    """The `KernelWeight` of ``w``; ``ValueError`` unless blocks lie within rows.
+
+    Its arrays vary over the mesh axes of ``w`` and of the activation ``operands``.
+    """
     w = local_weight(w)
     n, k = w.shape
     if w.codes.ndim != 2 or k % w.blocksize:
@@ -67,4 +109,5 @@ def kernel_weight(w: QuantizedTensor) -> KernelWeight:
             f"{w.blocksize}; use the XLA back end"
         )
     absmax = plain_absmax(w).absmax.reshape(n, k // w.blocksize)
-    return KernelWeight(w.codes, absmax, n, k, w.blocksize, w.quant_type)
+    codes, absmax = vary_alike(*operands, w.codes, absmax)[-2:]
+    return KernelWeight(codes, absmax, n, k, w.blocksize, w.quant_type)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jqlora.kernels.lookup import KernelWeight, kernel_weight, select_tree
+from jqlora.kernels.lookup import KernelWeight, kernel_weight, out_struct, select_tree, vary_alike
 from jqlora.quant import QuantizedTensor
 
 
@@ -122,7 +122,7 @@ def _call(kernel, a, w: KernelWeight, out_cols: int, grid_cols: int, dtype, tile
     body = functools.partial(kernel, m=m, tiles=tiles, w=w.static(), dtype=dtype)
     return pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((m, out_cols), dtype),
+        out_shape=out_struct((m, out_cols), dtype, a, w.codes, w.absmax),
         grid=(pl.cdiv(m, tiles.bm), pl.cdiv(out_cols, grid_cols)),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
@@ -140,13 +140,15 @@ def _check(tiles: Tiles) -> Tiles:
 
 def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
     """``x @ dequantize(w).T`` for ``x [M, K]``: ``[M, N]`` in ``dtype`` (float32 accumulate)."""
-    kw = kernel_weight(w)
+    kw = kernel_weight(w, x)
+    x = vary_alike(x.astype(dtype), kw.codes)[0]
     tiles = _check(tiles or pick_tiles(x.shape[0]))
-    return _call(_forward_kernel, x.astype(dtype), kw, kw.n, tiles.bn, dtype, tiles, interpret)
+    return _call(_forward_kernel, x, kw, kw.n, tiles.bn, dtype, tiles, interpret)
 
 
 def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``: ``[M, K]`` in ``dtype`` (float32 accumulate)."""
-    kw = kernel_weight(w)
+    kw = kernel_weight(w, dy)
+    dy = vary_alike(dy.astype(dtype), kw.codes)[0]
     tiles = _check(tiles or pick_tiles(dy.shape[0]))
-    return _call(_backward_kernel, dy.astype(dtype), kw, kw.k, tiles.bk, dtype, tiles, interpret)
+    return _call(_backward_kernel, dy, kw, kw.k, tiles.bk, dtype, tiles, interpret)

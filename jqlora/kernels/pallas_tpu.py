@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jqlora.kernels.lookup import KernelWeight, kernel_weight, select_tree
+from jqlora.kernels.lookup import KernelWeight, kernel_weight, out_struct, select_tree, vary_alike
 from jqlora.quant import QuantizedTensor
 
 
@@ -121,16 +121,18 @@ def _weight_specs(tiles: Tiles, w: KernelWeight, index):
 
 def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
     """``x @ dequantize(w).T`` for ``x [M, K]``: ``[M, N]`` in ``dtype`` (float32 accumulate)."""
-    kw = kernel_weight(w)
+    kw = kernel_weight(w, x)
+    x = vary_alike(x, kw.codes)[0]
     m = x.shape[0]
     tiles = tiles or pick_tiles(m, kw)
     _check(tiles, kw, reduce_n=False)
     pairs = x.astype(dtype).reshape(m, kw.k // 2, 2)
+    x_even, x_odd, absmax_t = pairs[..., 0], pairs[..., 1], kw.absmax.T
     bm, bn, hk = tiles.bm, tiles.bn, tiles.bk // 2
     x_spec = pl.BlockSpec((bm, hk), lambda i, j, t: (i, t))
     return pl.pallas_call(
         functools.partial(_forward_kernel, w=kw.static(), dtype=dtype),
-        out_shape=jax.ShapeDtypeStruct((m, kw.n), dtype),
+        out_shape=out_struct((m, kw.n), dtype, x_even, kw.codes, absmax_t),
         grid=(pl.cdiv(m, bm), pl.cdiv(kw.n, bn), kw.k // tiles.bk),
         in_specs=[x_spec, x_spec, *_weight_specs(tiles, kw, lambda i, j, t: (j, t))],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)),
@@ -138,17 +140,19 @@ def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = Non
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
         name=f"qmatmul_{kw.quant_type}",
-    )(pairs[..., 0], pairs[..., 1], kw.codes, kw.absmax.T)
+    )(x_even, x_odd, kw.codes, absmax_t)
 
 
 def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``: ``[M, K]`` in ``dtype`` (float32 accumulate)."""
-    kw = kernel_weight(w)
+    kw = kernel_weight(w, dy)
+    dy = vary_alike(dy, kw.codes)[0]
     m = dy.shape[0]
     tiles = tiles or pick_tiles(m, kw, reduce_n=True)
     _check(tiles, kw, reduce_n=True)
     bm, bn, hk = tiles.bm, tiles.bn, tiles.bk // 2
-    half = jax.ShapeDtypeStruct((m, kw.k // 2), dtype)
+    dy, absmax_t = dy.astype(dtype), kw.absmax.T
+    half = out_struct((m, kw.k // 2), dtype, dy, kw.codes, absmax_t)
     out_spec = pl.BlockSpec((bm, hk), lambda i, t, j: (i, t))
     even, odd = pl.pallas_call(
         functools.partial(_backward_kernel, w=kw.static(), dtype=dtype),
@@ -163,5 +167,5 @@ def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = 
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
         name=f"qmatmul_t_{kw.quant_type}",
-    )(dy.astype(dtype), kw.codes, kw.absmax.T)
+    )(dy, kw.codes, absmax_t)
     return jnp.stack([even, odd], axis=-1).reshape(m, kw.k)
