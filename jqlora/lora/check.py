@@ -44,9 +44,9 @@ def check_lora(params: Mapping, lora: Mapping) -> None:
         missing = [k for k in _REQUIRED if k not in entry]
         extra = sorted(set(entry) - _ALLOWED)
         if missing or extra:
+            problems = "; ".join(f"{what} {keys}" for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
             raise ValueError(
-                f"lora entry {name!r}: missing {missing} / unexpected {extra}; expected keys "
-                f"{sorted(_ALLOWED)} ('magnitude' only with DoRA)"
+                f"lora entry {name!r}: {problems}; expected keys {sorted(_ALLOWED)} ('magnitude' only with DoRA)"
             )
         if not isinstance(entry["spec"], LoraSpec):
             raise ValueError(f"lora entry {name!r}: 'spec' is a {type(entry['spec']).__name__}, not a LoraSpec")
