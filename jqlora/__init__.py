@@ -16,9 +16,9 @@ from jqlora.lora import (  # noqa: E402
 
 __all__ += ["LoraConfig", "LoraSpec", "check_lora", "init_lora", "init_lora_and_residual", "merge_lora"]
 
-from jqlora.hf import QuantConfig, load_hf  # noqa: E402
+from jqlora.hf import QuantConfig, load_hf, save_hf  # noqa: E402
 
-__all__ += ["QuantConfig", "load_hf"]
+__all__ += ["QuantConfig", "load_hf", "save_hf"]
 
 from jqlora.train.step import (  # noqa: E402
     TrainState,

@@ -2,5 +2,6 @@
 
 from jqlora.hf.load import load_hf
 from jqlora.hf.quant_config import QuantConfig
+from jqlora.hf.save import save_hf
 
-__all__ = ["QuantConfig", "load_hf"]
+__all__ = ["QuantConfig", "load_hf", "save_hf"]

@@ -81,24 +81,32 @@ def load_hf(
     return model, params
 
 
-def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtype, progress=None) -> dict:
-    """The params tree from a float safetensors checkpoint, quantizing linear weights if asked."""
+def checkpoint_plan(path: Path, model):
+    """``(files, {checkpoint name: param name}, expected, checkpoint map)`` of a float checkpoint,
+    after checking that its tensors are exactly the ones the model needs."""
     files = safetensors_io.checkpoint_files(path)
     infos = safetensors_io.tensor_infos(files)
     expected = names_lib.expected_params(model)
-    ckpt = checkpoint_map(model.config.hf["model_type"])
-    wanted = {}  # checkpoint name -> param name
+    model_type = model.config.hf["model_type"]
+    ckpt = checkpoint_map(model_type)
+    wanted = {}
     for name in infos:
         if ckpt.is_ignored(name) or (name == "lm_head.weight" and "lm_head.weight" not in expected.shapes):
-            continue
+            continue  # buffers, and the copy of a tied embedding some checkpoints carry
         pname = ckpt.param_name(name, expected.shapes)
         if pname not in expected.shapes:
-            raise ValueError(f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model.config.hf['model_type']!r}")
+            raise ValueError(f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model_type!r}")
         wanted[name] = pname
     missing = sorted(set(expected.shapes) - set(wanted.values()))
     if missing:
-        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{path}: missing tensor(s) {', '.join(repr(m) for m in missing[:5])}{more}")
+    return files, wanted, expected, ckpt
 
+
+def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtype, progress=None) -> dict:
+    """The params tree from a float safetensors checkpoint, quantizing linear weights if asked."""
+    files, wanted, expected, ckpt = checkpoint_plan(path, model)
     flat = {}
     with progress_bar(len(wanted), f"loading {path.name}", progress) as bar:
         for name, file, array in safetensors_io.iter_tensors(files, list(wanted)):
@@ -120,7 +128,7 @@ def convert_tensor(array, pname: str, expected, quantization, dtype, *, transpos
     want = expected.shapes[pname]
     if tuple(array.shape) != want:
         raise ValueError(f"{source} has shape {tuple(array.shape)}, but config.json implies {want}")
-    array = jnp.asarray(array).astype(dtype)
+    array = jnp.asarray(array).astype(dtype or array.dtype)
     module = pname.rpartition(".")[0]
     if quantization is not None and expected.is_linear_weight(pname) and quantization.quantizes(module):
         return quantize(

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
@@ -101,66 +102,51 @@ def _nbytes(array) -> int:
     return int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
 
 
-def plan_shards(sizes: dict[str, int], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
-    """Tensor names grouped into shards of at most ``max_shard_bytes`` (a bigger tensor alone)."""
-    shards, current, used = [], [], 0
-    for name, size in sizes.items():
-        if current and used + size > max_shard_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += size
-    if current:
-        shards.append(current)
-    return shards
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (a bigger
+    tensor gets a shard of its own), holding only the current shard in memory.
 
-
-def write_checkpoint(tmp_dir: Path, tensors: dict, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write ``{name: numpy array}`` as safetensors into ``tmp_dir``; returns the file names.
-
-    One file ``model.safetensors`` when it fits, else ``model-0000i-of-0000n.safetensors`` and
-    the index. Arrays may be produced lazily: values that are callables are called when their
-    shard is written, so only one shard's tensors need be in memory.
+    ``close()`` names the files as transformers does: ``model.safetensors`` when one shard
+    suffices, else ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
     """
-    from safetensors.numpy import save_file
 
-    sizes = {name: _size_of(t) for name, t in tensors.items()}
-    shards = plan_shards(sizes, max_shard_bytes)
-    names = (
-        [SINGLE_FILE]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for file_name, shard in zip(names, shards, strict=True):
-        arrays = {n: np.ascontiguousarray(_materialize(tensors[n])) for n in shard}
-        save_file(arrays, str(tmp_dir / file_name), metadata={"format": "pt"})
-        weight_map.update({n: file_name for n in shard})
-        del arrays
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-    return names
+    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.current: dict = {}
+        self.used = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
 
+    def add(self, name: str, array) -> None:
+        size = _nbytes(array)
+        if self.current and self.used + size > self.max_shard_bytes:
+            self._flush()
+        self.current[name] = array
+        self.used += size
+        self.total += size
 
-def _size_of(t) -> int:
-    if callable(t):
-        t = t.size_hint
-    return t if isinstance(t, int) else _nbytes(t)
+    def _flush(self) -> None:
+        from safetensors.flax import save_file
 
+        path = self.directory / f".shard-{len(self.shards)}.safetensors"
+        save_file({n: jnp.asarray(a) for n, a in self.current.items()}, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.current)))
+        self.current, self.used = {}, 0
 
-def _materialize(t):
-    return t() if callable(t) else t
-
-
-class Lazy:
-    """A tensor computed when written: ``Lazy(fn, nbytes)``."""
-
-    def __init__(self, fn, nbytes: int):
-        self.fn, self.size_hint = fn, nbytes
-
-    def __call__(self):
-        return self.fn()
+    def close(self) -> list[str]:
+        """Write the last shard, name the files, write the index; returns the file names."""
+        if self.current or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (path, tensors), file_name in zip(self.shards, names, strict=True):
+            path.rename(self.directory / file_name)
+            weight_map.update({t: file_name for t in tensors})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return names
 
 
 @contextlib.contextmanager

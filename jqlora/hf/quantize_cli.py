@@ -1,0 +1,96 @@
+"""``jqlora quantize SRC_DIR OUT_DIR``: a float checkpoint -> a bitsandbytes 4-bit checkpoint.
+
+Streams: one tensor is read, quantized (if it is a linear weight the config covers) and
+added to the current output shard, so memory holds one float tensor and one output shard.
+The result is what transformers + bitsandbytes would save after quantizing the source
+itself, and loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jqlora.hf import safetensors_io
+from jqlora.hf.load import checkpoint_plan, convert_tensor, progress_bar, read_config
+from jqlora.hf.quant_config import QuantConfig
+from jqlora.models import model_for_config
+from jqlora.quant import QuantizedTensor
+
+
+def quantize_checkpoint(
+    src,
+    out,
+    quantization: QuantConfig = QuantConfig(),
+    *,
+    max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES,
+    progress: bool | None = None,
+) -> Path:
+    """Write ``src`` (float safetensors) to ``out`` in bitsandbytes 4-bit format; atomic."""
+    from jqlora.hf.bnb_io import bnb_tensors
+
+    src, out = Path(src), Path(out)
+    hf_config = read_config(src)
+    if hf_config.get("quantization_config"):
+        raise ValueError(f"{src / 'config.json'}: the checkpoint is already quantized")
+    model = model_for_config(hf_config, source=str(src / "config.json"))
+    files, wanted, expected, ckpt = checkpoint_plan(src, model)
+    config = dict(hf_config)
+    config["quantization_config"] = quantization.to_hf(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+    with safetensors_io.atomic_directory(out) as tmp:
+        writer = safetensors_io.ShardWriter(tmp, max_shard_bytes)
+        with progress_bar(len(wanted), f"quantizing {src.name}", progress) as bar:
+            for name, file, array in safetensors_io.iter_tensors(files, list(wanted)):
+                pname = wanted[name]
+                leaf = convert_tensor(
+                    array, pname, expected, quantization, None, transpose=ckpt.is_transposed(pname),
+                    source=f"{file}: tensor {name!r}",
+                )
+                if isinstance(leaf, QuantizedTensor):
+                    for key, value in bnb_tensors(pname, leaf).items():
+                        writer.add(key, value)
+                else:
+                    writer.add(name, array)  # as stored (Conv1D orientation included)
+                bar.update()
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        _copy_tokenizer(src, tmp)
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Tokenizer and generation files travel with the weights."""
+    import shutil
+
+    for pattern in ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template*"):
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="convert a float checkpoint to a bitsandbytes 4-bit checkpoint",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("src", metavar="SRC_DIR", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("out", metavar="OUT_DIR", help="where to write the 4-bit checkpoint")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
+    p.add_argument("--skip-modules", nargs="*", default=["lm_head"], help="modules kept in float (default: lm_head)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jqlora.cli import InputError
+
+    try:
+        quantization = QuantConfig(args.quant_type, args.blocksize, not args.no_double_quant, tuple(args.skip_modules))
+        out = quantize_checkpoint(args.src, args.out, quantization)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+    print(f"wrote {out}")
+    return 0
