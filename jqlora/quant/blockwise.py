@@ -3,77 +3,115 @@
 Math, for a block ``x`` of ``blocksize`` consecutive flat elements::
 
     absmax = max |x|
-    code_i = argmin_c |book[c] - x_i / absmax|      (ties: the lower of the two values)
+    code_i = order[#{bounds < x_i * (1 / absmax)}]   (a partial last block: x_i / absmax)
     x_i   ~= book[code_i] * absmax
 
-With double quantization ``absmax`` is stored as 8-bit codes of ``absmax - mean(absmax)``
-over the signed dynamic map, in blocks of 256, each with an f32 ``nested_absmax``.
+``bounds`` are the float32 midpoints of the sorted code book, so a value exactly on a
+midpoint takes the lower code. With double quantization ``absmax`` is stored as 8-bit codes
+of ``absmax - offset`` (``offset = mean(absmax)``) over the signed dynamic map, in blocks of
+256, each with an f32 ``nested_absmax``.
+
+Special values follow bitsandbytes' CPU code: an all-zero full block stores absmax 0.0 and
+the code of 0.0; an all-zero last partial block stores absmax 1e-38; a NaN makes its
+block's absmax NaN and every code of the block the code of the largest value (15 for NF4,
+3 for FP4); an inf makes its block's absmax inf, the other values of the block the code of
+0.0 and itself the code of NaN. One deliberate difference: XLA flushes float32 subnormals
+(|v| < 1.18e-38) to zero, so a value whose ratio to its block's absmax is that small is
+quantized as 0.0 (which only changes a code for FP4, whose zero has two codes).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.quant.codebooks import BLOCKSIZES, DYNAMIC_SIGNED, NESTED_BLOCKSIZE, QUANT_TYPES, codebook
+from jqlora.quant.codebooks import (
+    BLOCKSIZES,
+    DYNAMIC_LUT,
+    DYNAMIC_LUT_SIZE,
+    DYNAMIC_SIGNED,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    bucket_bounds,
+    codebook,
+)
 from jqlora.quant.tensor import QuantizedTensor, codes_shape
 
-_FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+FLOAT_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+
+#: bitsandbytes clamps a block's absmax to at least 1e-38 (a float32 subnormal) before it
+#: scales; XLA flushes subnormals, so the clamp is done with selects on these constants.
+_TINY = np.float32(1e-38)
+_RECIP_TINY = np.float32(1.0) / _TINY
+_FLT_MIN = np.finfo(np.float32).tiny
 
 
-def _check_args(w, quant_type: str, blocksize: int, name: str) -> None:
+def check_quantize_args(w, quant_type: str, blocksize: int, name: str = "tensor") -> None:
+    """Raise a ValueError naming ``name`` if bitsandbytes could not quantize ``w`` so."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"{name}: unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"{name}: blocksize {blocksize} is not one bitsandbytes allows {BLOCKSIZES}")
-    if jnp.dtype(w.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-        raise ValueError(
-            f"{name}: cannot quantize dtype {jnp.dtype(w.dtype).name}; expected float32, float16 or bfloat16"
-        )
+        raise ValueError(f"{name}: blocksize {blocksize!r} is not one bitsandbytes allows {BLOCKSIZES}")
+    dtype = getattr(w, "dtype", None)
+    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES:
+        got = "no dtype" if dtype is None else f"dtype {np.dtype(dtype).name}"
+        raise ValueError(f"{name}: cannot quantize an array of {got}; expected float32, float16 or bfloat16")
     if math.prod(w.shape) == 0:
         raise ValueError(f"{name}: cannot quantize an empty array of shape {tuple(w.shape)}")
 
 
-def _bucketize(scaled: jax.Array, book: np.ndarray) -> jax.Array:
-    """Index into ``book`` of the value nearest to each element; a tie takes the lower value.
+def bucketize(x: jax.Array, quant_type: str) -> jax.Array:
+    """The 4-bit code (int32) of every element of ``x``, already scaled to [-1, 1].
 
-    The comparison is against float32 midpoints of the sorted book, as bitsandbytes does.
+    ``order[#{bounds < x}]`` written as a telescoping sum over the 15 bounds, so it is one
+    fused elementwise loop with no gather: ``order[0] + sum_i [x > bounds_i] *
+    (order[i+1] - order[i])``. ``not (x <= b)`` counts NaN above every bound, as
+    ``torch.bucketize`` does.
     """
-    order = np.argsort(book, kind="stable")
-    sorted_book = book[order]
-    # FP4 holds 0.0 twice (codes 0 and 8); bitsandbytes maps zero to code 0.
-    keep = np.concatenate([[True], np.diff(sorted_book) > 0])
-    sorted_book, order = sorted_book[keep], order[keep]
-    mids = ((sorted_book[:-1] + sorted_book[1:]) / np.float32(2)).astype(np.float32)
-    idx = jnp.searchsorted(jnp.asarray(mids), scaled, side="left", method="compare_all")
-    return jnp.asarray(order.astype(np.uint8))[idx]
+    bounds, order = bucket_bounds(quant_type)
+    code = jnp.full(x.shape, order[0], jnp.int32)
+    for i, bound in enumerate(bounds):
+        step = int(order[i + 1] - order[i])
+        code = code + jnp.where(x <= bound, 0, step)
+    return code
 
 
-def _blocks(flat: jax.Array, blocksize: int) -> jax.Array:
+def _zero_code(quant_type: str) -> int:
+    bounds, order = bucket_bounds(quant_type)
+    return int(order[np.searchsorted(bounds, np.float32(0.0), side="left")])
+
+
+def _quantize_4bit(flat: jax.Array, quant_type: str, blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """``(codes int32 [n], absmax f32 [n_blocks])`` of a flat float32 array."""
     n = flat.shape[0]
-    n_blocks = -(-n // blocksize)
-    return jnp.pad(flat, (0, n_blocks * blocksize - n)).reshape(n_blocks, blocksize)
+    full = n - n % blocksize
+    codes, absmax = [], []
+    if full:
+        blocks = flat[:full].reshape(-1, blocksize)
+        am = jnp.max(jnp.abs(blocks), axis=1)
+        recip = jnp.where(am < _FLT_MIN, _RECIP_TINY, 1.0 / am)
+        codes.append(bucketize(blocks * recip[:, None], quant_type).reshape(-1))
+        absmax.append(am)
+    if full < n:
+        # bitsandbytes divides in the partial last block (full blocks multiply by 1/absmax)
+        # and stores its clamped absmax.
+        tail = flat[full:]
+        am = jnp.max(jnp.abs(tail))
+        tiny = am < _FLT_MIN
+        codes.append(bucketize(jnp.where(tiny, tail * _RECIP_TINY, tail / am), quant_type))
+        absmax.append(jnp.where(tiny, _TINY, am)[None])
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+    return cat(codes), cat(absmax)
 
 
-def _scale(blocks: jax.Array, absmax: jax.Array, n: int, blocksize: int) -> jax.Array:
-    """``x / absmax`` the way bitsandbytes' CPU kernel rounds it.
-
-    Full blocks multiply by the reciprocal; a partial last block divides.
-    """
-    recip = blocks * (1.0 / absmax)[:, None]
-    if n % blocksize == 0:
-        return recip
-    divided = blocks / absmax[:, None]
-    is_tail = (jnp.arange(blocks.shape[0]) == blocks.shape[0] - 1)[:, None]
-    return jnp.where(is_tail, divided, recip)
-
-
-def _pack(codes: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def pack(codes: jax.Array, shape: tuple[int, ...], pad_code: int) -> jax.Array:
+    """Two 4-bit codes per byte, the even-index element in the high nibble."""
     if codes.shape[0] % 2:
-        codes = jnp.pad(codes, (0, 1))
+        codes = jnp.concatenate([codes, jnp.full((1,), pad_code, codes.dtype)])
     pairs = codes.reshape(-1, 2)
     packed = (pairs[:, 0] << 4) | pairs[:, 1]
     return packed.astype(jnp.uint8).reshape(codes_shape(shape))
@@ -86,14 +124,54 @@ def unpack(codes: jax.Array, n: int) -> jax.Array:
     return both[:n]
 
 
-def quantize_blockwise_8bit(x: jax.Array, blocksize: int = NESTED_BLOCKSIZE):
-    """8-bit blockwise quantization over the signed dynamic map: ``(codes, absmax)``."""
+def accurate_mean(x: jax.Array) -> jax.Array:
+    """The float32 mean of ``x``, summed pairwise with TwoSum error terms.
+
+    bitsandbytes' offset is ``torch.mean``, whose summation order depends on the CPU's
+    vector width; the compensated sum is (nearly) exactly rounded, so the mean lands on
+    torch's value or one ulp next to it, where a plain float32 sum drifts further.
+
+    XLA rewrites a division by a constant as a multiplication by its rounded reciprocal,
+    which is not the correctly rounded quotient torch computes; ``min(|total|, 0)`` (0, or
+    NaN exactly when the total is) makes the divisor opaque to that rewrite.
+    """
     n = x.shape[0]
-    blocks = _blocks(x, blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    scaled = _scale(blocks, absmax, n, blocksize)
-    codes = _bucketize(scaled, DYNAMIC_SIGNED).reshape(-1)[:n]
-    return codes, absmax
+    size = 1 << max(0, (n - 1).bit_length())
+    s = jnp.pad(x.astype(jnp.float32), (0, size - n))
+    err = jnp.zeros_like(s)
+    while s.shape[0] > 1:
+        h = s.shape[0] // 2
+        a, b = s[:h], s[h:]
+        t = a + b
+        bb = t - a
+        err = err[:h] + err[h:] + ((a - (t - bb)) + (b - bb))
+        s = t
+    total = s[0] + err[0]
+    return total / (np.float32(n) + jnp.minimum(jnp.abs(total), 0.0))
+
+
+def quantize_8bit(x: jax.Array, blocksize: int = NESTED_BLOCKSIZE) -> tuple[jax.Array, jax.Array]:
+    """8-bit blockwise quantization over the signed dynamic map: ``(codes uint8, absmax f32)``.
+
+    As bitsandbytes' CPU kernel: ``absmax = max |x|`` ignoring NaN; an all-zero block gets
+    code 0; otherwise ``code = LUT[int((clamp(x / absmax, -1, 1) + 1) / 2 * 65535 + 0.5)]``
+    with ``x / absmax`` taken as ``x * (1 / absmax)`` in every block, and NaN at index 0.
+    """
+    n = x.shape[0]
+    n_blocks = -(-n // blocksize)
+    blocks = jnp.pad(x, (0, n_blocks * blocksize - n)).reshape(n_blocks, blocksize)
+    mag = jnp.abs(blocks)
+    absmax = jnp.max(jnp.where(jnp.isnan(mag), 0.0, mag), axis=1)
+    scaled = jnp.clip(blocks * (1.0 / absmax)[:, None], -1.0, 1.0)
+    grid = ((scaled + 1.0) * 0.5) * np.float32(DYNAMIC_LUT_SIZE - 1) + 0.5
+    idx = jnp.where(jnp.isnan(grid), 0, grid).astype(jnp.int32)
+    codes = jnp.where((absmax == 0)[:, None], 0, jnp.asarray(DYNAMIC_LUT)[idx])
+    return codes.astype(jnp.uint8).reshape(-1)[:n], absmax
+
+
+def double_quantize(absmax: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(absmax codes uint8, nested_absmax f32)``: `quantize_8bit` of ``absmax - offset``."""
+    return quantize_8bit(absmax - offset.astype(jnp.float32))
 
 
 def decode_absmax(qt: QuantizedTensor) -> jax.Array:
@@ -105,10 +183,25 @@ def decode_absmax(qt: QuantizedTensor) -> jax.Array:
     """
     if not qt.double_quant:
         return qt.absmax
-    nested = jnp.repeat(qt.nested_absmax, NESTED_BLOCKSIZE)[: qt.n_blocks]
-    scaled = jnp.asarray(DYNAMIC_SIGNED)[qt.absmax.astype(jnp.int32)] * nested
+    q = qt.absmax.reshape(-1).astype(jnp.int32)
+    n_blocks = q.shape[0]
+    n_nested = qt.nested_absmax.shape[-1]
+    q = jnp.pad(q, (0, n_nested * NESTED_BLOCKSIZE - n_blocks)).reshape(n_nested, NESTED_BLOCKSIZE)
+    scaled = (jnp.asarray(DYNAMIC_SIGNED)[q] * qt.nested_absmax.reshape(-1, 1)).reshape(-1)[:n_blocks]
     scaled = jax.lax.optimization_barrier(scaled)
     return scaled + qt.offset
+
+
+@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "double_quant"))
+def _quantize(w: jax.Array, quant_type: str, blocksize: int, double_quant: bool):
+    flat = w.reshape(-1).astype(jnp.float32)
+    codes, absmax = _quantize_4bit(flat, quant_type, blocksize)
+    packed = pack(codes, w.shape, _zero_code(quant_type))
+    if not double_quant:
+        return packed, absmax, None, None
+    offset = accurate_mean(absmax)
+    qabsmax, nested = double_quantize(absmax, offset)
+    return packed, qabsmax, nested, offset
 
 
 def quantize(
@@ -121,26 +214,19 @@ def quantize(
 ) -> QuantizedTensor:
     """Quantize ``w`` (float32/float16/bfloat16, any shape) to 4 bits, as bitsandbytes does.
 
+    Equals ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
+    double_quant, quant_type=quant_type)`` byte for byte, except that the double-quant offset
+    (``mean(absmax)``) may be one float32 ulp from torch's (see `accurate_mean`). Jit-able;
     ``name`` only labels error messages.
     """
-    _check_args(w, quant_type, blocksize, name)
-    shape = tuple(int(d) for d in w.shape)
-    n = math.prod(shape)
-    flat = jnp.asarray(w).reshape(-1).astype(jnp.float32)
-    blocks = _blocks(flat, blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    codes = _bucketize(_scale(blocks, absmax, n, blocksize), codebook(quant_type)).reshape(-1)[:n]
-    packed = _pack(codes, shape)
-    nested = offset = None
-    if double_quant:
-        offset = jnp.mean(absmax)
-        absmax, nested = quantize_blockwise_8bit(absmax - offset)
+    check_quantize_args(w, quant_type, blocksize, name)
+    packed, absmax, nested, offset = _quantize(jnp.asarray(w), quant_type, blocksize, double_quant)
     return QuantizedTensor(
         codes=packed,
         absmax=absmax,
         nested_absmax=nested,
         offset=offset,
-        shape=shape,
+        shape=tuple(int(d) for d in w.shape),
         dtype=jnp.dtype(w.dtype),
         quant_type=quant_type,
         blocksize=blocksize,
@@ -150,10 +236,13 @@ def quantize(
 def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
     """The array ``qt`` stands for, in ``dtype`` (default: the original dtype).
 
-    ``w_i = book[code_i] * absmax[i // blocksize]`` in float32, then cast.
+    ``w_i = book[code_i] * absmax[i // blocksize]`` in float32, then rounded to ``dtype``
+    (to nearest even), as bitsandbytes' ``dequantize_4bit``.
     """
     dtype = qt.dtype if dtype is None else dtype
     n = qt.size
+    absmax = decode_absmax(qt).reshape(-1)
+    n_blocks = absmax.shape[0]
     values = jnp.asarray(codebook(qt.quant_type))[unpack(qt.codes, n).astype(jnp.int32)]
-    absmax = jnp.repeat(decode_absmax(qt), qt.blocksize)[:n]
-    return (values * absmax).reshape(qt.shape).astype(dtype)
+    values = jnp.pad(values, (0, n_blocks * qt.blocksize - n)).reshape(n_blocks, qt.blocksize)
+    return (values * absmax[:, None]).reshape(-1)[:n].reshape(qt.shape).astype(dtype)

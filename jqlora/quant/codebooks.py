@@ -106,6 +106,39 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 
 
+#: bitsandbytes' CPU 8-bit quantizer does not search the dynamic map: it rounds
+#: ``(clamp(x, -1, 1) + 1) / 2 * 65535`` to an index into this 65,536-entry table, built once
+#: from the float32 midpoints of the map (``lut[i]`` = the number of midpoints below the
+#: i-th grid value). Near the midpoints, and at 0.0 (which lands on code 131, not 127), it
+#: differs from the nearest code; byte equality needs the table.
+DYNAMIC_LUT_SIZE = 65536
+
+
+def _dynamic_lut(book: np.ndarray) -> np.ndarray:
+    mids = (np.float32(0.5) * (book[:-1] + book[1:])).astype(np.float32)
+    steps = np.arange(DYNAMIC_LUT_SIZE, dtype=np.float32)
+    grid = (np.float32(-1.0) + (np.float32(2.0) * steps) / np.float32(DYNAMIC_LUT_SIZE - 1)).astype(np.float32)
+    return np.searchsorted(mids, grid, side="left").astype(np.uint8)
+
+
+DYNAMIC_LUT = _dynamic_lut(DYNAMIC_SIGNED)
+
+
+def bucket_bounds(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(bounds, order)``: float32 midpoints of the sorted 4-bit book and the sort order.
+
+    ``code = order[#{bounds < x}]`` is the nearest code to ``x``; a value exactly on a
+    midpoint takes the lower one. FP4 holds zero twice (codes 0 and 8): the midpoint
+    between them is 0.0, so 0.0 and tiny negatives get code 0 and tiny positives code 8,
+    as in bitsandbytes (whose ``torch.argsort`` puts code 0 first, like a stable sort).
+    """
+    book = codebook(quant_type)
+    order = np.argsort(book, kind="stable")
+    ordered = book[order]
+    bounds = ((ordered[:-1] + ordered[1:]) / np.float32(2)).astype(np.float32)
+    return bounds, order.astype(np.int32)
+
+
 def codebook(quant_type: str) -> np.ndarray:
     """The 16-entry float32 code book of ``quant_type`` ("nf4" or "fp4")."""
     if quant_type == "nf4":
