@@ -108,6 +108,12 @@ def latest_checkpoint(directory: str) -> str | None:
     return found[-1] if found else None
 
 
+def read_meta(path: str) -> dict:
+    """The metadata dict saved with the checkpoint at ``path`` (no arrays are read)."""
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)["meta"]
+
+
 def restore_checkpoint(path: str, template) -> tuple[object, int, dict]:
     """``(tree, step, meta)`` from ``path``; ``template`` gives the structure and shardings.
 
