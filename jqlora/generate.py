@@ -32,11 +32,18 @@ __all__ = ["SamplingConfig", "generate", "stream_generate"]
 
 
 class SamplingConfig(NamedTuple):
-    """How the next token is chosen (static: part of the compiled program)."""
+    """How the next token is chosen. Traced values, so changing them never recompiles.
 
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
+    temperature: 0 for greedy; top_k: 0 for no cut; top_p: 1.0 for no cut.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def of(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> SamplingConfig:
+        return cls(jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -44,27 +51,35 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def sample_logits(logits: jax.Array, sampling: SamplingConfig, key: jax.Array | None) -> jax.Array:
-    """The next token ``[b]`` from ``logits [b, vocab]`` (see the module doc for the rule)."""
-    logits = logits.astype(jnp.float32)
-    if sampling.temperature <= 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    neg = jnp.finfo(jnp.float32).min
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        # Keep a token when the probability mass strictly above it is < top_p (the first
-        # token is always kept), as transformers' TopPLogitsWarper does.
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < sampling.top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, neg)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """``logits / temperature`` with every token outside the top-k and the top-p set at -inf.
+
+    A token survives top-k when its logit is at least the k-th largest, and top-p when
+    the probability mass of the tokens strictly above it is < ``top_p`` (so the first
+    always survives); transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper`` rules,
+    applied in that order after the temperature.
+    """
+    vocab = logits.shape[-1]
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    descending = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
+    in_top_k = jnp.arange(vocab) < k
+    descending = jnp.where(in_top_k, descending, -jnp.inf)
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_kept = jnp.sum(in_top_k & (mass_before < sampling.top_p), axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(descending, jnp.maximum(n_kept, 1) - 1, axis=-1)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def sample_logits(logits: jax.Array, sampling: SamplingConfig, key: jax.Array) -> jax.Array:
+    """The next token ``[b]`` from ``logits [b, vocab]``: argmax when ``temperature == 0``,
+    else a draw from ``softmax(filter_logits(logits))``."""
+    return jax.lax.cond(
+        sampling.temperature > 0,
+        lambda: jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    )
 
 
 def _forward(model, params, lora, adapter_ids, ids, mask, positions, cache):
@@ -120,8 +135,8 @@ def _decode_step(model, params, lora, adapter_ids, state: _State, sampling, eos_
     return _State(state.step + 1, logits[:, -1].astype(jnp.float32), cache, state.position + 1, tokens, done, key)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "sampling"))
-def _generate_jit(model, params, lora, adapter_ids, input_ids, mask, max_new, key, eos_ids, pad_id, *, max_len, sampling):
+@functools.partial(jax.jit, static_argnames=("model", "max_len"))
+def _generate_jit(model, params, lora, adapter_ids, input_ids, mask, max_new, key, eos_ids, pad_id, sampling, *, max_len):
     state = _prefill(model, params, lora, adapter_ids, input_ids, mask, max_len, key)
 
     def cond(s: _State):
@@ -135,7 +150,7 @@ def _generate_jit(model, params, lora, adapter_ids, input_ids, mask, max_new, ke
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_len"))
-_decode_step_jit = jax.jit(_decode_step, static_argnames=("model", "sampling"))
+_decode_step_jit = jax.jit(_decode_step, static_argnames=("model",))
 
 
 def _prepare(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, key, temperature, top_k, top_p):
@@ -165,7 +180,7 @@ def _prepare(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_
     max_len = bucket(width + int(max_new_tokens))
     eos_arr = jnp.asarray(eos or [-1], jnp.int32)
     key = jax.random.PRNGKey(0) if key is None else key
-    sampling = SamplingConfig(float(temperature), top_k, top_p)
+    sampling = SamplingConfig.of(temperature, top_k, top_p)
     return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), max_len, eos_arr, jnp.int32(pad), key, sampling
 
 
@@ -202,8 +217,8 @@ def generate(
     )
     ids_adapter = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
     tokens, n = _generate_jit(
-        model, params, lora, ids_adapter, ids, mask, jnp.int32(max_new_tokens), key, eos, pad,
-        max_len=max_len, sampling=sampling,
+        model, params, lora, ids_adapter, ids, mask, jnp.int32(max_new_tokens), key, eos, pad, sampling,
+        max_len=max_len,
     )  # fmt: skip
     return np.concatenate([prompt, np.asarray(tokens)[:, : int(n)]], axis=1)
 

@@ -3,6 +3,9 @@ generation tests compare jqlora against."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import torch
 
@@ -77,6 +80,12 @@ def torch_logits(model, ids, mask=None) -> np.ndarray:
     return out.logits.float().numpy()
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, variables, ids, mask):
+    return model.apply(variables, ids, attention_mask=mask)
+
+
 def jqlora_logits(model, params, ids, lora=None, mask=None) -> np.ndarray:
+    """The model's logits, jitted (op-by-op dispatch of a whole model is slow)."""
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    return np.asarray(model.apply(variables, np.asarray(ids), attention_mask=None if mask is None else np.asarray(mask)))
+    return np.asarray(_apply(model, variables, np.asarray(ids), None if mask is None else np.asarray(mask)))

@@ -75,7 +75,7 @@ def test_greedy_with_adapter_equals_peft(bases, tmp_path):
     from peft import get_peft_model
 
     base_dir, model, params, _ = bases("llama")
-    peft_model = get_peft_model(load_torch(base_dir), peft_config("llama", "dora")).eval()
+    peft_model = get_peft_model(load_torch(base_dir), peft_config("llama", "plain")).eval()
     peft_model.save_pretrained(tmp_path)
     lora, _ = load_peft_adapter(tmp_path, params)
     ids = np.where(MASK == 1, PROMPTS, PAD)
@@ -88,8 +88,10 @@ def test_one_compile_per_shape_bucket(bases):
     _, model, params, _ = bases("llama")
     generate(model, params, PROMPTS[:, :5], max_new_tokens=4)
     before = _generate_jit._cache_size()
-    for length, n in ((3, 4), (7, 6), (9, 2)):  # same bucket: prompt <= 16, prompt + new <= 32
-        generate(model, params, PROMPTS[:, :length], max_new_tokens=n)
+    key = jax.random.PRNGKey(0)
+    # Same bucket (prompt <= 16, prompt + new <= 32); sampling settings are traced values.
+    for length, n, sampling in ((3, 4, {}), (7, 6, dict(temperature=0.5, top_k=3)), (9, 2, dict(temperature=1.0, top_p=0.9))):
+        generate(model, params, PROMPTS[:, :length], max_new_tokens=n, key=key, **sampling)
     assert _generate_jit._cache_size() == before
 
 
@@ -117,7 +119,7 @@ def test_sampling_filters_equal_transformers_warpers():
         expected_kept = torch.isfinite(t).numpy()
         # Sampling many times from jqlora's filtered distribution only ever hits kept tokens,
         # and hits each kept token with the probability transformers gives it.
-        sampling = SamplingConfig(temperature, top_k, top_p)
+        sampling = SamplingConfig.of(temperature, top_k, top_p)
         keys = jax.random.split(jax.random.PRNGKey(0), 4000)
         draws = np.asarray(jax.vmap(lambda k: sample_logits(jnp.asarray(logits), sampling, k))(keys))
         probs = torch.softmax(t, -1).numpy()
@@ -147,11 +149,13 @@ def test_stacked_adapters_equal_each_adapter_alone(bases):
     stacked = stack_adapters(loras)
     ids = jnp.asarray([1, 0, 1])
     apply = lambda lora, x: model.apply({"params": params, "lora": lora}, x)
-    mixed = np.asarray(map_rows(apply, stacked, ids, jnp.asarray(PROMPTS)))
+    mixed = np.asarray(jax.jit(lambda s, i, x: map_rows(apply, s, i, x))(stacked, ids, jnp.asarray(PROMPTS)))
     for row, k in enumerate(ids.tolist()):
         np.testing.assert_allclose(mixed[row], jqlora_logits(model, params, PROMPTS[row : row + 1], loras[k])[0], atol=1e-5)
 
-    got = generate(model, params, PROMPTS, lora=stacked, adapter_ids=ids, attention_mask=MASK, max_new_tokens=6)
+    # Generation: adapters of one structure, so running each alone compiles once.
+    loras = [_random_lora(params, 2, seed, ["q_proj", "v_proj"]) for seed in (0, 5)]
+    got = generate(model, params, PROMPTS, lora=stack_adapters(loras), adapter_ids=ids, attention_mask=MASK, max_new_tokens=6)
     for row, k in enumerate(ids.tolist()):
         alone = generate(model, params, PROMPTS[row : row + 1], lora=loras[k], attention_mask=MASK[row : row + 1], max_new_tokens=6)
         np.testing.assert_array_equal(got[row : row + 1], alone)
