@@ -34,3 +34,7 @@ __all__ += ["TrainState", "init_train_state", "loss_fn", "make_optimizer", "make
 from jqlora.train.offload import offload  # noqa: E402
 
 __all__ += ["offload"]
+
+from jqlora.kernels import qmatmul  # noqa: E402
+
+__all__ += ["qmatmul"]

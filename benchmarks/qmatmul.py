@@ -1,0 +1,224 @@
+"""Fused NF4 dequantize-matmul against bf16 ``jnp.dot`` and dequantize-then-dot, on a GPU.
+
+    python benchmarks/qmatmul.py                 # the full table (M x Llama-2 7B/70B shapes)
+    python benchmarks/qmatmul.py --tune          # also sweep GPU tile candidates per M class
+    python benchmarks/qmatmul.py --smoke         # tiny shapes, any machine (checks the script)
+    python benchmarks/qmatmul.py --memory        # compiled scratch: chunked XLA vs deq+dot (any machine)
+
+For each (M, K, N), in bf16 with float32 accumulation, ``y = x @ W.T`` with ``W [N, K]``:
+
+* ``fused``: `qmatmul` on the NF4 weight (double-quantized, blocksize 64), Pallas kernel;
+* ``dot``: ``jnp.dot`` on the bf16 weight;
+* ``deq+dot``: ``x @ dequantize(W, bf16).T`` as XLA compiles it;
+* ``xla-chunked``: the chunked XLA back end of `qmatmul` (the fallback).
+
+Correctness first: every method is compared with a float32 reference before any timing.
+Timing: one jitted program applies a method to ``R`` distinct weight copies (more bytes than
+the L2 cache, so every call reads from HBM) and fresh activations; its wall time over ``R``,
+median of ``--reps`` runs after warm-up, is the time of one call. TFLOP/s counts ``2MNK``;
+GB/s counts the bytes a method must move (weight in its stored format, x, y).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqlora.kernels import pallas_gpu, qmatmul
+from jqlora.quant import QuantizedTensor, dequantize, quantize
+
+PEAK_TFLOPS = 790.0  # H200, bf16 dense, measured ceiling
+PEAK_GBPS = 4300.0  # H200, device copy, measured ceiling
+MS = (1, 16, 128, 1024, 4096)
+#: (model, projection, K = in_features, N = out_features)
+SHAPES = (
+    ("7B", "q/k/v/o", 4096, 4096),
+    ("7B", "gate/up", 4096, 11008),
+    ("7B", "down", 11008, 4096),
+    ("70B", "q/o", 8192, 8192),
+    ("70B", "k/v", 8192, 1024),
+    ("70B", "gate/up", 8192, 28672),
+    ("70B", "down", 28672, 8192),
+)
+SMOKE_SHAPES = (("tiny", "proj", 256, 96),)
+L2_BYTES = 50 * 2**20
+
+
+def random_nf4(key, n: int, k: int, blocksize: int = 64) -> QuantizedTensor:
+    """A double-quantized NF4 weight with random bytes: timing does not depend on the values."""
+    kc, ka, kn = jax.random.split(key, 3)
+    n_blocks = n * k // blocksize
+    return QuantizedTensor(
+        codes=jax.random.randint(kc, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8),
+        absmax=jax.random.randint(ka, (n_blocks,), 0, 256, jnp.int32).astype(jnp.uint8),
+        nested_absmax=jax.random.uniform(kn, (-(-n_blocks // 256),), jnp.float32, 0.01, 0.02),
+        offset=jnp.float32(0.02),
+        shape=(n, k),
+        dtype=jnp.bfloat16,
+        quant_type="nf4",
+        blocksize=blocksize,
+    )
+
+
+def methods(backend: str):
+    """name -> (prepare(weight_qt) -> operand, f(x, operand) -> y, bytes of the operand)."""
+    bf16 = jnp.bfloat16
+    return {
+        "fused": (lambda q: q, lambda x, q: qmatmul(x, q, backend=backend), lambda q: q.nbytes),
+        "dot": (lambda q: dequantize(q, bf16), lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(bf16), lambda w: w.size * 2),
+        "deq+dot": (lambda q: q, lambda x, q: jnp.dot(x, dequantize(q, bf16).T, preferred_element_type=jnp.float32).astype(bf16), lambda q: q.nbytes),
+        "xla-chunked": (lambda q: q, lambda x, q: qmatmul(x, q, backend="xla"), lambda q: q.nbytes),
+    }
+
+
+def check_correctness(ms, backend: str, smoke: bool) -> None:
+    """Every method against a float32 reference on a real quantized weight (bf16 tolerance)."""
+    n, k = (96, 256) if smoke else (1024, 4096)
+    w = jax.random.normal(jax.random.key(0), (n, k), jnp.float32)
+    qt = quantize(w, "nf4", 64, True)
+    ref_w = dequantize(qt, jnp.float32)
+    for m in ms:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32)
+        ref = x @ ref_w.T
+        for name, (prep, f, _) in methods(backend).items():
+            y = jax.jit(f)(x.astype(jnp.bfloat16), prep(qt)).astype(jnp.float32)
+            err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
+            if not err < 1e-2:
+                sys.exit(f"correctness FAILED: {name} at M={m}: relative error {err:.2e}")
+    print(f"correctness: all methods within 1e-2 of the float32 reference for M in {tuple(ms)}")
+
+
+def time_call(f, args_list, reps: int) -> float:
+    """Seconds per call: one program over all argument sets, median of ``reps`` runs."""
+    many = jax.jit(lambda all_args: [f(*a) for a in all_args])
+    jax.block_until_ready(many(args_list))  # compile + warm-up
+    jax.block_until_ready(many(args_list))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(args_list))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(args_list)
+
+
+def bench(ms, shapes, backend: str, reps: int) -> list[dict]:
+    rows = []
+    for model, proj, k, n in shapes:
+        nf4_bytes = n * k // 2
+        copies = max(2, min(32, math.ceil(4 * L2_BYTES / nf4_bytes)))
+        weights = [random_nf4(jax.random.key(i), n, k) for i in range(copies)]
+        for m in ms:
+            xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(copies)]
+            row = dict(model=model, proj=proj, m=m, k=k, n=n)
+            for name, (prep, f, nbytes) in methods(backend).items():
+                operands = [prep(w) for w in weights]
+                t = time_call(f, list(zip(xs, operands)), reps)
+                moved = nbytes(operands[0]) + 2 * m * (k + n)
+                row[name] = dict(us=t * 1e6, tflops=2 * m * n * k / t / 1e12, gbps=moved / t / 1e9)
+                del operands
+            rows.append(row)
+            print(format_row(row), flush=True)
+        del weights
+    return rows
+
+
+HEADER = (
+    "| model | proj | M | K | N | fused us | TFLOP/s | GB/s | dot us | deq+dot us | xla-chunked us "
+    "| fused vs dot | target | % TFLOP ceiling | % BW ceiling |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(r: dict) -> str:
+    fused, dot = r["fused"], r["dot"]
+    speedup = dot["us"] / fused["us"]
+    target = 2.5 if r["m"] <= 16 else (0.8 if r["m"] >= 1024 else None)
+    verdict = "-" if target is None else (f">= {target}x " + ("PASS" if speedup >= target else "FAIL"))
+    return (
+        f"| {r['model']} | {r['proj']} | {r['m']} | {r['k']} | {r['n']} | {fused['us']:.1f} | "
+        f"{fused['tflops']:.1f} | {fused['gbps']:.0f} | {dot['us']:.1f} | {r['deq+dot']['us']:.1f} | "
+        f"{r['xla-chunked']['us']:.1f} | {speedup:.2f}x | {verdict} | "
+        f"{100 * fused['tflops'] / PEAK_TFLOPS:.0f}% | {100 * fused['gbps'] / PEAK_GBPS:.0f}% |"
+    )
+
+
+TUNE_CANDIDATES = [
+    pallas_gpu.Tiles(bm, bn, bk, warps, stages)
+    for bm, bn, bk, warps, stages in [
+        (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3),
+        (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    ]
+]
+
+
+def tune(ms, shapes, reps: int, interpret: bool) -> None:
+    """Time every candidate tile set per (M, shape); print the fastest (for `pallas_gpu.TILES`)."""
+    for model, proj, k, n in shapes:
+        copies = max(2, min(32, math.ceil(4 * L2_BYTES / (n * k // 2))))
+        weights = [random_nf4(jax.random.key(i), n, k) for i in range(copies)]
+        for m in ms:
+            xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(copies)]
+            results = []
+            for tiles in TUNE_CANDIDATES:
+                if tiles.bm > max(16, 2 * m):
+                    continue
+                f = lambda x, w, tiles=tiles: pallas_gpu.matmul(x, w, jnp.bfloat16, tiles=tiles, interpret=interpret)
+                try:
+                    results.append((time_call(f, list(zip(xs, weights)), reps), tiles))
+                except Exception as e:  # a tile set the compiler refuses (shared memory, registers)
+                    print(f"  {tiles}: {type(e).__name__}")
+            best_t, best = min(results)
+            default_t = dict((t, s) for s, t in results).get(pallas_gpu.pick_tiles(m), float("nan"))
+            print(f"tune {model} {proj} M={m}: best {best} {best_t * 1e6:.1f} us (table: {default_t * 1e6:.1f} us)", flush=True)
+
+
+def memory_report(m: int = 512, k: int = 4096, n: int = 4096) -> None:
+    """Compiled temp bytes of the chunked XLA path vs dequantize-then-dot, and their times."""
+    qt = random_nf4(jax.random.key(0), n, k)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.random.normal(jax.random.key(1), (m, k), dtype)
+        report = []
+        for name, f in (
+            ("xla-chunked", lambda x, w: qmatmul(x, w, backend="xla")),
+            ("deq+dot", lambda x, w: x @ dequantize(w, x.dtype).T),
+        ):
+            temp = jax.jit(f).lower(x, qt).compile().memory_analysis().temp_size_in_bytes
+            seconds = time_call(f, [(x, qt)], reps=3)
+            report.append(f"{name} {temp / 2**20:.1f} MiB, {seconds * 1e3:.0f} ms")
+        print(f"scratch, M={m} K={k} N={n} {jnp.dtype(dtype).name} on {jax.default_backend()}: " + ", ".join(report))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreted on a CPU")
+    p.add_argument("--tune", action="store_true", help="sweep GPU tile candidates per M class")
+    p.add_argument("--memory", action="store_true", help="only the compiled-scratch comparison")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--m", type=int, nargs="*", default=list(MS))
+    args = p.parse_args(argv)
+    platform = jax.default_backend()
+    if args.memory:
+        return memory_report()
+    if platform != "gpu" and not args.smoke:
+        sys.exit(f"this benchmark needs a GPU (jax sees {platform!r}); --smoke runs it on tiny shapes")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    ms = [1, 7] if args.smoke else args.m
+    reps = 2 if args.smoke else args.reps
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    check_correctness(ms, "pallas", args.smoke)
+    print(HEADER)
+    bench(ms, shapes, "pallas", reps)
+    if args.tune:
+        tune(ms, shapes[:3] if not args.smoke else shapes, reps, interpret=args.smoke)
+
+
+if __name__ == "__main__":
+    main()
