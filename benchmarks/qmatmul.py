@@ -29,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jqlora.kernels import pallas_gpu, qmatmul
 from jqlora.quant import QuantizedTensor, dequantize, quantize
@@ -72,8 +71,18 @@ def methods(backend: str):
     bf16 = jnp.bfloat16
     return {
         "fused": (lambda q: q, lambda x, q: qmatmul(x, q, backend=backend), lambda q: q.nbytes),
-        "dot": (lambda q: dequantize(q, bf16), lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(bf16), lambda w: w.size * 2),
-        "deq+dot": (lambda q: q, lambda x, q: jnp.dot(x, dequantize(q, bf16).T, preferred_element_type=jnp.float32).astype(bf16), lambda q: q.nbytes),
+        "dot": (
+            lambda q: dequantize(q, bf16),
+            lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(bf16),
+            lambda w: w.size * 2,
+        ),
+        "deq+dot": (
+            lambda q: q,
+            lambda x, q: jnp.dot(
+                x, dequantize(q, bf16).T, preferred_element_type=jnp.float32
+            ).astype(bf16),
+            lambda q: q.nbytes,
+        ),
         "xla-chunked": (lambda q: q, lambda x, q: qmatmul(x, q, backend="xla"), lambda q: q.nbytes),
     }
 
@@ -115,11 +124,14 @@ def bench(ms, shapes, backend: str, reps: int) -> list[dict]:
         copies = max(2, min(32, math.ceil(4 * L2_BYTES / nf4_bytes)))
         weights = [random_nf4(jax.random.key(i), n, k) for i in range(copies)]
         for m in ms:
-            xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(copies)]
+            xs = [
+                jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16)
+                for i in range(copies)
+            ]
             row = dict(model=model, proj=proj, m=m, k=k, n=n)
             for name, (prep, f, nbytes) in methods(backend).items():
                 operands = [prep(w) for w in weights]
-                t = time_call(f, list(zip(xs, operands)), reps)
+                t = time_call(f, list(zip(xs, operands, strict=True)), reps)
                 moved = nbytes(operands[0]) + 2 * m * (k + n)
                 row[name] = dict(us=t * 1e6, tflops=2 * m * n * k / t / 1e12, gbps=moved / t / 1e9)
                 del operands
@@ -140,7 +152,9 @@ def format_row(r: dict) -> str:
     fused, dot = r["fused"], r["dot"]
     speedup = dot["us"] / fused["us"]
     target = 2.5 if r["m"] <= 16 else (0.8 if r["m"] >= 1024 else None)
-    verdict = "-" if target is None else (f">= {target}x " + ("PASS" if speedup >= target else "FAIL"))
+    verdict = (
+        "-" if target is None else (f">= {target}x " + ("PASS" if speedup >= target else "FAIL"))
+    )
     return (
         f"| {r['model']} | {r['proj']} | {r['m']} | {r['k']} | {r['n']} | {fused['us']:.1f} | "
         f"{fused['tflops']:.1f} | {fused['gbps']:.0f} | {dot['us']:.1f} | {r['deq+dot']['us']:.1f} | "
@@ -152,9 +166,18 @@ def format_row(r: dict) -> str:
 TUNE_CANDIDATES = [
     pallas_gpu.Tiles(bm, bn, bk, warps, stages)
     for bm, bn, bk, warps, stages in [
-        (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3),
-        (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3),
-        (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (16, 32, 256, 4, 4),
+        (16, 64, 256, 4, 4),
+        (16, 64, 128, 4, 3),
+        (16, 128, 128, 4, 3),
+        (32, 64, 128, 4, 4),
+        (64, 64, 128, 4, 3),
+        (64, 128, 64, 4, 3),
+        (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 128, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
     ]
 ]
 
@@ -165,19 +188,27 @@ def tune(ms, shapes, reps: int, interpret: bool) -> None:
         copies = max(2, min(32, math.ceil(4 * L2_BYTES / (n * k // 2))))
         weights = [random_nf4(jax.random.key(i), n, k) for i in range(copies)]
         for m in ms:
-            xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(copies)]
+            xs = [
+                jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16)
+                for i in range(copies)
+            ]
             results = []
             for tiles in TUNE_CANDIDATES:
                 if tiles.bm > max(16, 2 * m):
                     continue
-                f = lambda x, w, tiles=tiles: pallas_gpu.matmul(x, w, jnp.bfloat16, tiles=tiles, interpret=interpret)
+                f = lambda x, w, tiles=tiles: pallas_gpu.matmul(
+                    x, w, jnp.bfloat16, tiles=tiles, interpret=interpret
+                )
                 try:
-                    results.append((time_call(f, list(zip(xs, weights)), reps), tiles))
+                    results.append((time_call(f, list(zip(xs, weights, strict=True)), reps), tiles))
                 except Exception as e:  # a tile set the compiler refuses (shared memory, registers)
                     print(f"  {tiles}: {type(e).__name__}")
             best_t, best = min(results)
             default_t = dict((t, s) for s, t in results).get(pallas_gpu.pick_tiles(m), float("nan"))
-            print(f"tune {model} {proj} M={m}: best {best} {best_t * 1e6:.1f} us (table: {default_t * 1e6:.1f} us)", flush=True)
+            print(
+                f"tune {model} {proj} M={m}: best {best} {best_t * 1e6:.1f} us (table: {default_t * 1e6:.1f} us)",
+                flush=True,
+            )
 
 
 def memory_report(m: int = 512, k: int = 4096, n: int = 4096) -> None:
@@ -193,7 +224,10 @@ def memory_report(m: int = 512, k: int = 4096, n: int = 4096) -> None:
             temp = jax.jit(f).lower(x, qt).compile().memory_analysis().temp_size_in_bytes
             seconds = time_call(f, [(x, qt)], reps=3)
             report.append(f"{name} {temp / 2**20:.1f} MiB, {seconds * 1e3:.0f} ms")
-        print(f"scratch, M={m} K={k} N={n} {jnp.dtype(dtype).name} on {jax.default_backend()}: " + ", ".join(report))
+        print(
+            f"scratch, M={m} K={k} N={n} {jnp.dtype(dtype).name} on {jax.default_backend()}: "
+            + ", ".join(report)
+        )
 
 
 def main(argv=None) -> None:
@@ -208,11 +242,15 @@ def main(argv=None) -> None:
     if args.memory:
         return memory_report()
     if platform != "gpu" and not args.smoke:
-        sys.exit(f"this benchmark needs a GPU (jax sees {platform!r}); --smoke runs it on tiny shapes")
+        sys.exit(
+            f"this benchmark needs a GPU (jax sees {platform!r}); --smoke runs it on tiny shapes"
+        )
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     ms = [1, 7] if args.smoke else args.m
     reps = 2 if args.smoke else args.reps
-    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__}, device {jax.devices()[0].device_kind}"
+    )
     check_correctness(ms, "pallas", args.smoke)
     print(HEADER)
     bench(ms, shapes, "pallas", reps)

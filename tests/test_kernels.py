@@ -23,7 +23,9 @@ def rel_err(a, b) -> float:
 
 
 def weight(n, k, quant_type="nf4", blocksize=64, double_quant=True, seed=0):
-    return quantize(jax.random.normal(jax.random.key(seed), (n, k)), quant_type, blocksize, double_quant)
+    return quantize(
+        jax.random.normal(jax.random.key(seed), (n, k)), quant_type, blocksize, double_quant
+    )
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
@@ -35,7 +37,9 @@ def test_xla_path_equals_bitsandbytes_dequantize_then_matmul(quant_type, double_
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen)
     x = torch.randn(5, k, generator=gen)
-    packed, state = bnb_f.quantize_4bit(w, blocksize=bs, quant_type=quant_type, compress_statistics=double_quant)
+    packed, state = bnb_f.quantize_4bit(
+        w, blocksize=bs, quant_type=quant_type, compress_statistics=double_quant
+    )
     expected = x @ bnb_f.dequantize_4bit(packed, state).T
 
     qt = QuantizedTensor(

@@ -55,7 +55,10 @@ def test_kernel_forward_and_dx_equal_xla_path_f32(kernel, m, n, k, quant_type, b
 
     @jax.jit
     def both(x, dy, w):
-        kernel_out = (fwd(x, w, f32, interpret=True, **fwd_kw), bwd(dy, w, f32, interpret=True, **bwd_kw))
+        kernel_out = (
+            fwd(x, w, f32, interpret=True, **fwd_kw),
+            bwd(dy, w, f32, interpret=True, **bwd_kw),
+        )
         return kernel_out, (xla.matmul(x, w, f32), xla.matmul_t(dy, w, f32))
 
     (y, dx), (y_ref, dx_ref) = both(x, dy, qt)

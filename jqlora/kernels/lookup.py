@@ -28,7 +28,9 @@ def select_tree(codes: jax.Array, book: np.ndarray) -> jax.Array:
     values = [np.float32(v) for v in book]
     for bit in range(4):
         take_odd = ((codes >> bit) & 1) != 0
-        values = [jnp.where(take_odd, values[2 * j + 1], values[2 * j]) for j in range(len(values) // 2)]
+        values = [
+            jnp.where(take_odd, values[2 * j + 1], values[2 * j]) for j in range(len(values) // 2)
+        ]
     (out,) = values
     return jnp.broadcast_to(out, codes.shape).astype(jnp.float32)
 
@@ -64,11 +66,15 @@ def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
     jax 0.10 names it ``manual_axis_type`` (a ``ManualAxisType``); earlier versions ``vma``.
     """
     avals = [jax.typeof(a) for a in operands]
-    if hasattr(avals[0], "mat"):
-        varying = frozenset().union(*(a.mat.varying for a in avals))
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(avals[0].mat)(varying=varying))
-    if hasattr(avals[0], "vma"):
-        return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*(a.vma for a in avals)))
+    varying = frozenset().union(*(_varying(a) for a in operands))
+    try:
+        if hasattr(avals[0], "mat"):
+            mat = type(avals[0].mat)(varying=varying)
+            return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+        if hasattr(avals[0], "vma"):
+            return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    except TypeError:  # a jax whose ShapeDtypeStruct takes neither: nothing to declare
+        pass
     return jax.ShapeDtypeStruct(shape, dtype)
 
 

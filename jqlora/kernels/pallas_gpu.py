@@ -91,13 +91,21 @@ def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, m: int, tiles: Tiles, w: Kern
     def step(t, acc):
         k0 = t * bk
         x = plgpu.load(
-            x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=_mask2(m_idx, m, k0 + jnp.arange(bk), w.k), other=0.0
+            x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
+            mask=_mask2(m_idx, m, k0 + jnp.arange(bk), w.k),
+            other=0.0,
         )
         wt = _dequant_tile(c_ref, s_ref, n0, k0, bn=bn, bk=bk, w=w, dtype=dtype)
-        return acc + jax.lax.dot_general(x, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(
+            x, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
     acc = jax.lax.fori_loop(0, pl.cdiv(w.k, bk), step, jnp.zeros((bm, bn), jnp.float32))
-    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=_mask2(m_idx, m, n0 + jnp.arange(bn), w.n))
+    plgpu.store(
+        o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
+        acc.astype(o_ref.dtype),
+        mask=_mask2(m_idx, m, n0 + jnp.arange(bn), w.n),
+    )
 
 
 def _backward_kernel(dy_ref, c_ref, s_ref, o_ref, *, m: int, tiles: Tiles, w: KernelWeight, dtype):
@@ -108,23 +116,35 @@ def _backward_kernel(dy_ref, c_ref, s_ref, o_ref, *, m: int, tiles: Tiles, w: Ke
     def step(t, acc):
         n0 = t * bn
         dy = plgpu.load(
-            dy_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], mask=_mask2(m_idx, m, n0 + jnp.arange(bn), w.n), other=0.0
+            dy_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
+            mask=_mask2(m_idx, m, n0 + jnp.arange(bn), w.n),
+            other=0.0,
         )
         wt = _dequant_tile(c_ref, s_ref, n0, k0, bn=bn, bk=bk, w=w, dtype=dtype)
-        return acc + jax.lax.dot_general(dy, wt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(
+            dy, wt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
     acc = jax.lax.fori_loop(0, pl.cdiv(w.n, bn), step, jnp.zeros((bm, bk), jnp.float32))
-    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], acc.astype(o_ref.dtype), mask=_mask2(m_idx, m, k0 + jnp.arange(bk), w.k))
+    plgpu.store(
+        o_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
+        acc.astype(o_ref.dtype),
+        mask=_mask2(m_idx, m, k0 + jnp.arange(bk), w.k),
+    )
 
 
-def _call(kernel, a, w: KernelWeight, out_cols: int, grid_cols: int, dtype, tiles: Tiles, interpret: bool):
+def _call(
+    kernel, a, w: KernelWeight, out_cols: int, grid_cols: int, dtype, tiles: Tiles, interpret: bool
+):
     m = a.shape[0]
     body = functools.partial(kernel, m=m, tiles=tiles, w=w.static(), dtype=dtype)
     return pl.pallas_call(
         body,
         out_shape=out_struct((m, out_cols), dtype, a, w.codes, w.absmax),
         grid=(pl.cdiv(m, tiles.bm), pl.cdiv(out_cols, grid_cols)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages
+        ),
         interpret=interpret,
         name=f"qmatmul_{w.quant_type}",
     )(a, w.codes, w.absmax)
@@ -138,7 +158,9 @@ def _check(tiles: Tiles) -> Tiles:
     return tiles
 
 
-def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+def matmul(
+    x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False
+) -> jax.Array:
     """``x @ dequantize(w).T`` for ``x [M, K]``: ``[M, N]`` in ``dtype`` (float32 accumulate)."""
     kw = kernel_weight(w, x)
     x = vary_alike(x.astype(dtype), kw.codes)[0]
@@ -146,7 +168,9 @@ def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = Non
     return _call(_forward_kernel, x, kw, kw.n, tiles.bn, dtype, tiles, interpret)
 
 
-def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+def matmul_t(
+    dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False
+) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``: ``[M, K]`` in ``dtype`` (float32 accumulate)."""
     kw = kernel_weight(w, dy)
     dy = vary_alike(dy.astype(dtype), kw.codes)[0]

@@ -48,7 +48,9 @@ def pick_tiles(m: int, w: KernelWeight, *, reduce_n: bool = False) -> Tiles:
     bm = m if m <= 256 else 256
     # K is always a reduction axis here (forward: of the sum; backward: of no sum, but the
     # scale rows must stay whole), so bk divides K and covers 8-row groups of absmax_t.
-    bk = _divisor(w.k, (2048, 1024, 512, 256), lambda c: c % w.blocksize == 0 and (c // w.blocksize) % 8 == 0)
+    bk = _divisor(
+        w.k, (2048, 1024, 512, 256), lambda c: c % w.blocksize == 0 and (c // w.blocksize) % 8 == 0
+    )
     if reduce_n:
         bn = _divisor(w.n, (512, 256, 128), lambda c: True)
     else:
@@ -82,7 +84,9 @@ def _forward_kernel(xe_ref, xo_ref, c_ref, s_ref, o_ref, acc_ref, *, w: KernelWe
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _backward_kernel(dy_ref, c_ref, s_ref, oe_ref, oo_ref, acc_e_ref, acc_o_ref, *, w: KernelWeight, dtype):
+def _backward_kernel(
+    dy_ref, c_ref, s_ref, oe_ref, oo_ref, acc_e_ref, acc_o_ref, *, w: KernelWeight, dtype
+):
     @pl.when(pl.program_id(2) == 0)
     def _():
         acc_e_ref[...] = jnp.zeros_like(acc_e_ref)
@@ -102,7 +106,9 @@ def _backward_kernel(dy_ref, c_ref, s_ref, oe_ref, oo_ref, acc_e_ref, acc_o_ref,
 
 def _check(tiles: Tiles, w: KernelWeight, reduce_n: bool) -> None:
     if w.k % tiles.bk or tiles.bk % w.blocksize or (reduce_n and w.n % tiles.bn):
-        raise ValueError(f"qmatmul TPU kernel: tiles {tiles} must divide the reduction axis of weight {(w.n, w.k)} in whole blocks of {w.blocksize}")
+        raise ValueError(
+            f"qmatmul TPU kernel: tiles {tiles} must divide the reduction axis of weight {(w.n, w.k)} in whole blocks of {w.blocksize}"
+        )
 
 
 def _interpret(interpret: bool):
@@ -119,7 +125,9 @@ def _weight_specs(tiles: Tiles, w: KernelWeight, index):
     ]
 
 
-def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+def matmul(
+    x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False
+) -> jax.Array:
     """``x @ dequantize(w).T`` for ``x [M, K]``: ``[M, N]`` in ``dtype`` (float32 accumulate)."""
     kw = kernel_weight(w, x)
     x = vary_alike(x, kw.codes)[0]
@@ -137,13 +145,17 @@ def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = Non
         in_specs=[x_spec, x_spec, *_weight_specs(tiles, kw, lambda i, j, t: (j, t))],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
         interpret=_interpret(interpret),
         name=f"qmatmul_{kw.quant_type}",
     )(x_even, x_odd, kw.codes, absmax_t)
 
 
-def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+def matmul_t(
+    dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False
+) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``: ``[M, K]`` in ``dtype`` (float32 accumulate)."""
     kw = kernel_weight(w, dy)
     dy = vary_alike(dy, kw.codes)[0]
@@ -164,7 +176,9 @@ def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = 
         ],
         out_specs=(out_spec, out_spec),
         scratch_shapes=[pltpu.VMEM((bm, hk), jnp.float32), pltpu.VMEM((bm, hk), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
         interpret=_interpret(interpret),
         name=f"qmatmul_t_{kw.quant_type}",
     )(dy, kw.codes, absmax_t)

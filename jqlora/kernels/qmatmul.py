@@ -35,10 +35,14 @@ def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
     """
     choice = backend or os.environ.get(ENV_VAR) or None
     if choice is not None and choice not in BACKENDS:
-        raise ValueError(f"qmatmul: unknown backend {choice!r} (from backend= or ${ENV_VAR}); expected one of {BACKENDS}")
+        raise ValueError(
+            f"qmatmul: unknown backend {choice!r} (from backend= or ${ENV_VAR}); expected one of {BACKENDS}"
+        )
     platform = jax.default_backend()
     if choice is None:
-        choice = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+        choice = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
+            platform, "xla"
+        )
     elif choice == "pallas":
         choice = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
     if choice != "xla" and not kernel_supports(w):
@@ -102,11 +106,15 @@ def qmatmul(x: jax.Array, w, *, compute_dtype=None, backend: str | None = None) 
     dtype = jnp.dtype(compute_dtype or x.dtype)
     x = x.astype(dtype)
     if not isinstance(w, QuantizedTensor):
-        return jnp.einsum("...k,nk->...n", x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        return jnp.einsum(
+            "...k,nk->...n", x, w.astype(dtype), preferred_element_type=jnp.float32
+        ).astype(dtype)
     w = xla.local_weight(w)
     k = w.shape[1]
     if x.shape[-1] != k:
-        raise ValueError(f"qmatmul: x has {x.shape[-1]} features but the weight {w.shape} expects {k}")
+        raise ValueError(
+            f"qmatmul: x has {x.shape[-1]} features but the weight {w.shape} expects {k}"
+        )
     lead = x.shape[:-1]
     y = _qmatmul_2d(x.reshape(-1, k), w, dtype, resolve_backend(w, backend))
     return y.reshape(*lead, w.shape[0])

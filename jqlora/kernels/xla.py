@@ -35,7 +35,9 @@ def local_weight(w: QuantizedTensor) -> QuantizedTensor:
     are the local shard; 2-D codes ``[rows, cols // 2]`` give the local ``[rows, cols]``.
     """
     if w.ndim != 2:
-        raise ValueError(f"qmatmul: the weight must be 2-D [out, in], got a QuantizedTensor of shape {w.shape}")
+        raise ValueError(
+            f"qmatmul: the weight must be 2-D [out, in], got a QuantizedTensor of shape {w.shape}"
+        )
     if w.codes.ndim == 2:
         shape = (int(w.codes.shape[0]), 2 * int(w.codes.shape[1]))
     else:
