@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jqlora.hf import names as names_lib
@@ -109,7 +110,7 @@ def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
     import gguf
     from gguf.quants import dequantize
 
-    from jqlora.hf.load import convert_tensor, progress_bar
+    from jqlora.hf.load import convert_tensor, progress_bar, release_freed_memory
 
     path = Path(path)
     if not path.exists():
@@ -133,6 +134,9 @@ def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
             elif name.endswith("k_proj.weight"):
                 w = unpermute_rows(w, config["num_key_value_heads"])
             flat[name] = convert_tensor(w, name, expected, quantization, dtype, source=f"{path}: tensor {tensor.name!r}")
+            jax.block_until_ready(flat[name])
+            del w
+            release_freed_memory()
             bar.update()
     missing = sorted(set(expected.shapes) - set(flat))
     if missing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from jqlora.hf import names as names_lib
@@ -28,6 +29,28 @@ def progress_bar(total: int, desc: str, enabled: bool | None):
 
     show = total > PROGRESS_MIN_TENSORS if enabled is None else enabled
     return tqdm(total=total, desc=desc, unit="tensor", disable=not show, leave=False)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
+
+    Loading interleaves large short-lived float tensors with small long-lived quantized
+    ones; without this, glibc keeps the holes the float tensors leave and the resident size
+    grows with them instead of with what is kept.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def read_config(directory: Path) -> dict:
@@ -114,7 +137,10 @@ def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtyp
             flat[pname] = convert_tensor(
                 array, pname, expected, quantization, dtype, transpose=ckpt.is_transposed(pname), source=f"{file}: tensor {name!r}"
             )
+            # wait for the (asynchronous) conversion so that at most one float tensor is alive
+            jax.block_until_ready(flat[pname])
             del array
+            release_freed_memory()
             bar.update()
     return names_lib.unflatten(flat)
 
