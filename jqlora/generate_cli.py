@@ -87,10 +87,11 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def stream_reply(model, params, lora, tokenizer, ids, eos, args, out=sys.stdout) -> str:
-    """Streams the reply to ``ids`` to ``out`` as it is produced; returns its text."""
+def stream_reply(model, params, lora, tokenizer, ids, eos, args, out=None) -> str:
+    """Streams the reply to ``ids`` to ``out`` (stdout) as it is produced; returns its text."""
     from jqlora.generate import stream_generate
 
+    out = out or sys.stdout
     tokens, shown = [], ""
     for token in stream_generate(
         model, params, ids, lora=lora, max_new_tokens=args.max_new_tokens, eos_token_id=eos or None, **_sampling(args)
