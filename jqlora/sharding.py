@@ -131,7 +131,10 @@ def _size(mesh: Mesh, group: tuple[str, ...]) -> int:
 
 
 def _spec(groups: Iterable[tuple[str, ...]]) -> P:
-    return P(*(g if len(g) > 1 else g[0] if g else None for g in groups))
+    entries = [g if len(g) > 1 else g[0] if g else None for g in groups]
+    while entries and entries[-1] is None:  # P("x", None) == P("x"): keep one spelling
+        entries.pop()
+    return P(*entries)
 
 
 def _logical_shape(x) -> tuple[int, ...]:
