@@ -89,3 +89,34 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
     got = np.concatenate([np.asarray(s) for s in steps], axis=1)
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=name)
     assert int(cache.index) == 7
+
+
+def test_lora_entry_equals_merged_weight_in_transformers(tiny):
+    """An adapter {"a", "b", "spec"} in the "lora" collection adds scale * B @ A to the
+    module's weight: compare with transformers running the merged weight."""
+    import copy
+
+    import torch
+
+    from jqlora.hf.names import expected_params, unflatten
+    from jqlora.lora import LoraSpec
+
+    name, reference, model, params = tiny
+    modules = sorted(expected_params(model).linear_modules)
+    rng = np.random.default_rng(7)
+    merged = copy.deepcopy(reference)
+    lora = {}
+    for module in (modules[0], modules[-1]):
+        torch_weight = merged.get_parameter(module + ".weight")
+        conv1d = type(merged.get_submodule(module)).__name__ == "Conv1D"
+        out_f, in_f = torch_weight.shape[::-1] if conv1d else torch_weight.shape
+        a = rng.standard_normal((4, in_f)).astype(np.float32) * 0.1
+        b = rng.standard_normal((out_f, 4)).astype(np.float32) * 0.1
+        delta = 2.0 * b @ a
+        with torch.no_grad():
+            torch_weight.add_(torch.from_numpy(delta.T if conv1d else delta))
+        lora[module] = {"a": a, "b": b, "spec": LoraSpec(scale=2.0)}
+    ids = random_ids(96, 2, 8, seed=2)
+    got = np.asarray(model.apply({"params": params, "lora": unflatten(lora)}, ids))
+    np.testing.assert_allclose(got, torch_logits(merged, ids), atol=TOL, rtol=0, err_msg=name)
+    assert np.abs(got - torch_logits(reference, ids)).max() > 1e-2  # the adapter did something
