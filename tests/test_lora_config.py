@@ -223,8 +223,11 @@ def test_check_lora_runs_under_jit_and_on_quantized_params():
 def test_stacked_layers_get_stacked_adapters():
     """A weight [L, out, in] (layers under nn.scan) gets a [L, r, in], b [L, out, r], magnitude [L, out]."""
     w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 16)), jnp.float32)
-    params = {"layers": {"mlp": {"up_proj": {"weight": w}}}}
+    # a stacked norm scale is 2-D too, and is not a linear layer
+    params = {"layers": {"mlp": {"up_proj": {"weight": w}}, "post_attention_layernorm": {"weight": w[:, 0]},
+                         "ln_1": {"weight": w[:, 0]}}}
     lora = init_lora(jax.random.key(0), params, LoraConfig(r=2, use_dora=True))
+    assert list(lora["layers"]) == ["mlp"]
     e = lora["layers"]["mlp"]["up_proj"]
     assert (e["a"].shape, e["b"].shape, e["magnitude"].shape) == ((3, 2, 16), (3, 8, 2), (3, 8))
     np.testing.assert_allclose(e["magnitude"], jnp.linalg.norm(w, axis=-1), rtol=1e-6)

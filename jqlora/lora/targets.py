@@ -7,6 +7,8 @@ A module is a *linear layer* when its subtree holds a ``weight`` of at least 2 d
 (``embed_tokens``, ``embed_positions``, GPT-2's ``wte`` / ``wpe``): those hold 2-D weights
 too, but are looked up, not multiplied. A weight ``[*lead, out, in]`` with leading axes is
 a stack of layers (``nn.scan`` over layers); its adapters carry the same leading axes.
+In a stack, a norm's scale is 2-D as well, so norms (``*norm*``, GPT-2's ``ln_*``) are
+never linear layers either.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ Path = tuple[str, ...]
 # Output embeddings stay out of "all-linear", as in PEFT (and QLoRA).
 OUTPUT_HEADS = ("lm_head",)
 _EMBEDDING = re.compile(r"(.*_)?(embed|embeddings|wte|wpe)(_.*)?")
+_NORM = re.compile(r".*norm.*|ln(_.*)?")
 
 
 def dotted(path: Path) -> str:
@@ -57,6 +60,10 @@ def is_embedding(path: Path) -> bool:
     return bool(path) and _EMBEDDING.fullmatch(path[-1]) is not None
 
 
+def is_norm(path: Path) -> bool:
+    return bool(path) and _NORM.fullmatch(path[-1].lower()) is not None
+
+
 def is_linear_weight(weight) -> bool:
     return isinstance(weight, QuantizedTensor) or getattr(weight, "ndim", 0) >= 2
 
@@ -69,7 +76,7 @@ def weight_dims(weight) -> tuple[tuple[int, ...], int, int]:
 
 def linear_modules(params: Mapping) -> list[Path]:
     """Paths of every linear layer in ``params`` (see module doc), in tree order."""
-    return [p for p, w in weighted_modules(params) if is_linear_weight(w) and not is_embedding(p)]
+    return [p for p, w in weighted_modules(params) if is_linear_weight(w) and not is_embedding(p) and not is_norm(p)]
 
 
 def matches(target_modules, path: str) -> bool:
