@@ -46,11 +46,9 @@ def _divisor(total: int, candidates, ok) -> int:
 def pick_tiles(m: int, w: KernelWeight, *, reduce_n: bool = False) -> Tiles:
     """Tiles that satisfy Mosaic's (8, 128) block rule: aligned sizes or the full dimension."""
     bm = m if m <= 256 else 256
-    # K is always a reduction axis here (forward: of the sum; backward: of no sum, but the
-    # scale rows must stay whole), so bk divides K and covers 8-row groups of absmax_t.
-    bk = _divisor(
-        w.k, (2048, 1024, 512, 256), lambda c: c % w.blocksize == 0 and (c // w.blocksize) % 8 == 0
-    )
+    # bk divides K in whole blocks (the scales of one K step are one block of absmax_t),
+    # and bk / 2 bytes of codes fill whole 128-lane rows.
+    bk = _divisor(w.k, (2048, 1024, 512, 256), lambda c: c % w.blocksize == 0)
     if reduce_n:
         bn = _divisor(w.n, (512, 256, 128), lambda c: True)
     else:
@@ -61,7 +59,7 @@ def pick_tiles(m: int, w: KernelWeight, *, reduce_n: bool = False) -> Tiles:
 def _weight_halves_t(c_ref, s_ref, *, w: KernelWeight, dtype):
     """``(W_hi.T, W_lo.T)`` of the current tile, each ``[bk / 2, bn]`` in ``dtype``."""
     packed = c_ref[...].astype(jnp.int32).T  # [bk/2, bn]
-    nb, bn = s_ref.shape
+    nb, bn = s_ref.shape  # this K step's blocks x output features
     half = w.blocksize // 2
     scale = jnp.broadcast_to(s_ref[...][:, None, :], (nb, half, bn)).reshape(nb * half, bn)
     hi = select_tree(packed >> 4, w.book) * scale
@@ -116,12 +114,28 @@ def _interpret(interpret: bool):
     return True if interpret else False
 
 
-def _weight_specs(tiles: Tiles, w: KernelWeight, index):
-    """BlockSpecs of the codes ``[N, K/2]`` and scales ``(K/bs, N)``; index(i, j, t) -> (n, k)."""
+# A block dimension that the kernel does not see (``None`` in older jax).
+_SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
+
+
+def _scales_t(w: KernelWeight, tiles: Tiles) -> jax.Array:
+    """absmax as ``(K/bk, bk/bs, N)``: one K step's scales are a whole trailing 2-D block, so
+    Mosaic's (8, 128) rule holds for any number of blocks per step."""
     nb = tiles.bk // w.blocksize
+    return w.absmax.T.reshape(w.k // tiles.bk, nb, w.n)
+
+
+def _weight_specs(tiles: Tiles, w: KernelWeight, index):
+    """BlockSpecs of the codes ``[N, K/2]`` and `_scales_t`; index(i, j, t) -> (n, k) tile."""
+    nb = tiles.bk // w.blocksize
+
+    def scale_index(*grid):
+        n, k = index(*grid)
+        return k, 0, n
+
     return [
-        pl.BlockSpec((tiles.bn, tiles.bk // 2), lambda i, j, t: index(i, j, t)),
-        pl.BlockSpec((nb, tiles.bn), lambda i, j, t: index(i, j, t)[::-1]),
+        pl.BlockSpec((tiles.bn, tiles.bk // 2), lambda *grid: index(*grid)),
+        pl.BlockSpec((_SQUEEZED, nb, tiles.bn), scale_index),
     ]
 
 
@@ -135,7 +149,7 @@ def matmul(
     tiles = tiles or pick_tiles(m, kw)
     _check(tiles, kw, reduce_n=False)
     pairs = x.astype(dtype).reshape(m, kw.k // 2, 2)
-    x_even, x_odd, absmax_t = pairs[..., 0], pairs[..., 1], kw.absmax.T
+    x_even, x_odd, absmax_t = pairs[..., 0], pairs[..., 1], _scales_t(kw, tiles)
     bm, bn, hk = tiles.bm, tiles.bn, tiles.bk // 2
     x_spec = pl.BlockSpec((bm, hk), lambda i, j, t: (i, t))
     return pl.pallas_call(
@@ -163,7 +177,7 @@ def matmul_t(
     tiles = tiles or pick_tiles(m, kw, reduce_n=True)
     _check(tiles, kw, reduce_n=True)
     bm, bn, hk = tiles.bm, tiles.bn, tiles.bk // 2
-    dy, absmax_t = dy.astype(dtype), kw.absmax.T
+    dy, absmax_t = dy.astype(dtype), _scales_t(kw, tiles)
     half = out_struct((m, kw.k // 2), dtype, dy, kw.codes, absmax_t)
     out_spec = pl.BlockSpec((bm, hk), lambda i, t, j: (i, t))
     even, odd = pl.pallas_call(
