@@ -103,6 +103,8 @@ def test_attention_only_helper():
     cfg = LoraConfig.attention_only(r=4)
     assert cfg.target_modules == ("q_proj", "v_proj") and cfg.r == 4
     assert LoraConfig.attention_only(("c_attn",)).target_modules == ("c_attn",)
+    # hashable (a static jit argument), patterns included
+    assert hash(LoraConfig(rank_pattern={"q_proj": 2})) == hash(LoraConfig(rank_pattern={"q_proj": 2}))
 
 
 # --- bad input ------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class LoraConfig:
     target_modules: ``"all-linear"``, a sequence of module names, or a regex string.
     use_rslora: scale = alpha / sqrt(r) instead of alpha / r.
     use_dora: weight-decomposed LoRA; each adapter also trains a magnitude vector [out].
-    init: ``"default"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, std 1/r), B zero), ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors; exact
+    init: ``"default"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, std 1/r), B
+      zero), ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors; exact
       or randomized SVD with N subspace iterations) or ``"loftq"`` (alternating
       quantization and SVD). The last two change the base weight: use
       ``init_lora_and_residual`` for them.
@@ -90,6 +91,10 @@ class LoraConfig:
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
         if not (isinstance(self.loftq_iter, int) and self.loftq_iter >= 1):
             raise ValueError(f"LoraConfig: loftq_iter must be an integer >= 1, got {self.loftq_iter!r}")
+
+    def __hash__(self):  # the pattern dicts are not hashable; a config may be a static jit argument
+        fields = dataclasses.astuple(self)
+        return hash(tuple(tuple(f.items()) if isinstance(f, dict) else f for f in fields))
 
     @classmethod
     def attention_only(cls, modules: Sequence[str] = ATTENTION_ONLY, **kwargs) -> LoraConfig:
