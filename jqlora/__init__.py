@@ -38,3 +38,11 @@ __all__ += ["offload"]
 from jqlora.kernels import qmatmul  # noqa: E402
 
 __all__ += ["qmatmul"]
+
+from jqlora.quant import from_bnb, to_bnb  # noqa: E402
+
+__all__ += ["from_bnb", "to_bnb"]
+
+from jqlora.memory import estimate_memory  # noqa: E402
+
+__all__ += ["estimate_memory"]

@@ -1,0 +1,77 @@
+"""``jqlora estimate-memory``: the memory a fine-tuning run needs, before running it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "estimate-memory",
+        help="estimate the memory of a QLoRA run beside full and 16-bit LoRA fine-tuning",
+        description="Count the device memory of one train step: base weights (exact 4-bit size with "
+        "quantization constants), LoRA parameters, gradients, optimizer state, activations and logits; "
+        "side by side with 16-bit LoRA and full fine-tuning (16 bytes per parameter).",
+    )
+    p.add_argument("--model", required=True, help="model directory or config.json (Hugging Face)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help="'all-linear', a comma-separated list of module names (q_proj,v_proj), or a regex",
+    )
+    p.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--offload", action="store_true", help="optimizer state in host memory")
+    p.add_argument("--remat", action="store_true", help="rematerialize each decoder layer")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--backend", choices=("kernel", "xla"), default="kernel",
+                   help="'kernel': Pallas GPU/TPU kernels; 'xla': the dequantize-then-dot path (CPU)")
+    p.set_defaults(func=run)
+
+
+def _targets(text: str):
+    if text == "all-linear" or "," not in text and not text.isidentifier():
+        return text
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    from jqlora.cli import InputError
+    from jqlora.hf.quant_config import QuantConfig
+    from jqlora.lora import LoraConfig
+    from jqlora.memory import estimate_memory
+
+    try:
+        lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, target_modules=_targets(args.target_modules))
+        quant = None
+        if args.quant != "none":
+            quant = QuantConfig(quant_type=args.quant, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+        est = estimate_memory(
+            args.model,
+            lora,
+            args.batch_size,
+            args.seq_len,
+            quantization=quant,
+            offload=args.offload,
+            remat=args.remat,
+            compute_dtype=args.compute_dtype,
+            backend=args.backend,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    print(est.summary())
+    print()
+    print(est.table())
+    print()
+    print(
+        "Counted: weights and adapters exactly from the model's shapes; full fine-tuning at 16 bytes "
+        "per parameter (2 weight + 2 gradient + 4 f32 master + 8 AdamW); activations per decoder layer "
+        f"({'remat: layer inputs + one layer' if args.remat else 'no remat: every layer'}) in "
+        f"{args.compute_dtype}, see jqlora.memory."
+    )
+    return 0
