@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -312,9 +313,30 @@ def shard(params, lora, opt_state=None, mesh: Mesh | None = None, rules=DEFAULT_
     return place(params, p_sh), placed_lora, placed_opt
 
 
+def _batch_group(mesh: Mesh) -> tuple[str, ...]:
+    # In mesh order, so that the rows follow the device order and each process (whose
+    # devices are consecutive in it) holds one contiguous block of rows.
+    return _group(mesh, tuple(a for a in mesh.axis_names if a in BATCH_AXES))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Dimension 0 split over the mesh's batch axes (``data`` and ``fsdp``)."""
-    return NamedSharding(mesh, _spec([_group(mesh, BATCH_AXES)]))
+    return NamedSharding(mesh, _spec([_batch_group(mesh)]))
+
+
+def process_rows(global_rows: int, mesh: Mesh) -> slice:
+    """The rows of a global batch that this process loads and passes to ``shard_batch``.
+
+    With one process, all of them. The mesh's device order must give each process one
+    contiguous block of rows (``make_mesh`` over ``jax.devices()`` does).
+    """
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    bounds = sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in index.values()})
+    covered = sum(hi - lo for lo, hi in bounds)
+    lo, hi = bounds[0][0], bounds[-1][1]
+    if covered != hi - lo:
+        raise ValueError(f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds non-contiguous batch rows {bounds}")
+    return slice(lo, hi)
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -322,7 +344,7 @@ def shard_batch(batch, mesh: Mesh):
     ``1/process_count`` of the global batch that this process loaded (all of it in a
     single-process run); the rows are split over the mesh's batch axes."""
     sharding = batch_sharding(mesh)
-    n = _size(mesh, _group(mesh, BATCH_AXES))
+    n = _size(mesh, _batch_group(mesh))
 
     def one(path, x):
         x = np.asarray(x)
@@ -335,6 +357,39 @@ def shard_batch(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
 
     return jax.tree_util.tree_map_with_path(one, batch)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None):
+    """``jax.distributed.initialize`` with CPU collectives over gloo (used only by CPU
+    devices; GPUs use NCCL, TPUs their interconnect). Call it first, before any other jax
+    call, in every process. On a TPU slice, or under SLURM / Open MPI, the arguments
+    are discovered and may be omitted.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def save_sharded(path: str, tree) -> None:
+    """Write ``tree`` (sharded arrays, possibly spread over processes) with orbax; every
+    process calls it and writes its own shards."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.abspath(path), tree)
+        ckpt.wait_until_finished()
+
+
+def restore_sharded(path: str, like):
+    """The tree saved at ``path``, each array placed with the sharding of the matching leaf
+    of ``like`` (arrays or ``jax.ShapeDtypeStruct`` with shardings); every process calls it."""
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(os.path.abspath(path), abstract)
 
 
 # ----------------------------------------------------------------------------- memory
