@@ -22,12 +22,14 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 import mesh_setup
 from jqlora.quant import quantize
 from jqlora.sharding import (
+    BATCH_SPLIT,
+    MODEL_SPLIT,
     like_tree,
     lora_shardings,
     make_mesh,
     param_shardings,
     parse_mesh,
-    per_device_bytes,
+    per_device,
     plan,
 )
 
@@ -103,10 +105,21 @@ def test_adapters_and_optimizer_state_follow_the_base():
     assert [s.spec for s in specs] == [P(), P(None, "tensor"), P("fsdp"), P(None, "tensor"), P("fsdp")]
 
 
-def test_per_device_bytes():
-    parts = per_device_bytes(800.0, 80.0, 160.0, 400.0, parse_mesh("data=2,fsdp=4"))
-    assert parts == {"weights": 200.0, "adapters": 20.0, "optimizer": 40.0, "activations": 50.0, "total": 310.0}
-    assert per_device_bytes(8, 8, 8, 8, {"tensor": 2})["activations"] == 8  # not split by tensor
+def test_per_device_memory_divides_the_estimate():
+    from jqlora.memory import estimate_memory
+
+    config = dict(mesh_setup.CONFIG, num_hidden_layers=2)
+    one = estimate_memory(config, batch_size=8, seq_len=64, offload=True, backend="xla")
+    mesh = per_device(one, "data=2,fsdp=2,tensor=2")
+    for c1, cn in zip(one.columns, mesh.columns):
+        for k, v in c1.device.items():
+            want = v / 4 if k in MODEL_SPLIT else v / 4 if k in BATCH_SPLIT else v
+            assert cn.device[k] == pytest.approx(want, abs=1), (c1.name, k)
+        assert cn.host == {k: -(-v // 4) for k, v in c1.host.items()}
+    assert mesh.qlora.device["dequantize scratch (XLA)"] == one.qlora.device["dequantize scratch (XLA)"]
+    assert per_device(one, {"tensor": 2}).qlora.device["activations"] == one.qlora.device["activations"]
+    with pytest.raises(ValueError, match="no -1"):
+        per_device(one, "data=-1")
 
 
 # ----------------------------------------------------------------------------- 8 host devices
