@@ -2,6 +2,7 @@
 
     python benchmarks/qmatmul.py                 # the full table (M x Llama-2 7B/70B shapes)
     python benchmarks/qmatmul.py --tune          # also sweep GPU tile candidates per M class
+    python benchmarks/qmatmul.py --backward      # also the backward product dx = dy @ W
     python benchmarks/qmatmul.py --smoke         # tiny shapes, any machine (checks the script)
     python benchmarks/qmatmul.py --memory        # compiled scratch: chunked XLA vs deq+dot (any machine)
 
@@ -30,7 +31,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jqlora.kernels import pallas_gpu, qmatmul
+from jqlora.kernels import pallas_gpu, qmatmul, xla
+from jqlora.kernels.qmatmul import _kernels, resolve_backend
 from jqlora.quant import QuantizedTensor, dequantize, quantize
 
 PEAK_TFLOPS = 790.0  # H200, bf16 dense, measured ceiling
@@ -66,24 +68,27 @@ def random_nf4(key, n: int, k: int, blocksize: int = 64) -> QuantizedTensor:
     )
 
 
-def methods(backend: str):
-    """name -> (prepare(weight_qt) -> operand, f(x, operand) -> y, bytes of the operand)."""
+def methods(backend: str, backward: bool = False):
+    """name -> (prepare(weight_qt) -> operand, f(a, operand), bytes of the operand).
+
+    Forward ``a = x [M, K]``: ``x @ W.T``. Backward ``a = dy [M, N]``: ``dx = dy @ W``, the
+    product `qmatmul`'s custom_vjp computes (its kernel called directly, so nothing else is
+    timed).
+    """
     bf16 = jnp.bfloat16
+    if backward:
+        fused = lambda dy, q: _kernels(resolve_backend(q, backend))[1](dy, q, bf16)
+        chunked = lambda dy, q: xla.matmul_t(dy, q, bf16)
+        dot = lambda a, w: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(bf16)
+    else:
+        fused = lambda x, q: qmatmul(x, q, backend=backend)
+        chunked = lambda x, q: qmatmul(x, q, backend="xla")
+        dot = lambda a, w: jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(bf16)
     return {
-        "fused": (lambda q: q, lambda x, q: qmatmul(x, q, backend=backend), lambda q: q.nbytes),
-        "dot": (
-            lambda q: dequantize(q, bf16),
-            lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(bf16),
-            lambda w: w.size * 2,
-        ),
-        "deq+dot": (
-            lambda q: q,
-            lambda x, q: jnp.dot(
-                x, dequantize(q, bf16).T, preferred_element_type=jnp.float32
-            ).astype(bf16),
-            lambda q: q.nbytes,
-        ),
-        "xla-chunked": (lambda q: q, lambda x, q: qmatmul(x, q, backend="xla"), lambda q: q.nbytes),
+        "fused": (lambda q: q, fused, lambda q: q.nbytes),
+        "dot": (lambda q: dequantize(q, bf16), dot, lambda w: w.size * 2),
+        "deq+dot": (lambda q: q, lambda a, q: dot(a, dequantize(q, bf16)), lambda q: q.nbytes),
+        "xla-chunked": (lambda q: q, chunked, lambda q: q.nbytes),
     }
 
 
@@ -94,14 +99,20 @@ def check_correctness(ms, backend: str, smoke: bool) -> None:
     qt = quantize(w, "nf4", 64, True)
     ref_w = dequantize(qt, jnp.float32)
     for m in ms:
-        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32)
-        ref = x @ ref_w.T
-        for name, (prep, f, _) in methods(backend).items():
-            y = jax.jit(f)(x.astype(jnp.bfloat16), prep(qt)).astype(jnp.float32)
-            err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
-            if not err < 1e-2:
-                sys.exit(f"correctness FAILED: {name} at M={m}: relative error {err:.2e}")
-    print(f"correctness: all methods within 1e-2 of the float32 reference for M in {tuple(ms)}")
+        for backward in (False, True):
+            a = jax.random.normal(jax.random.key(m), (m, n if backward else k), jnp.float32)
+            ref = a @ ref_w if backward else a @ ref_w.T
+            for name, (prep, f, _) in methods(backend, backward).items():
+                y = jax.jit(f)(a.astype(jnp.bfloat16), prep(qt)).astype(jnp.float32)
+                err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
+                if not err < 1e-2:
+                    where = "backward" if backward else "forward"
+                    sys.exit(
+                        f"correctness FAILED: {name} {where} at M={m}: relative error {err:.2e}"
+                    )
+    print(
+        f"correctness: all methods, forward and backward, within 1e-2 of float32 for M in {tuple(ms)}"
+    )
 
 
 def time_call(f, args_list, reps: int) -> float:
@@ -117,7 +128,7 @@ def time_call(f, args_list, reps: int) -> float:
     return statistics.median(times) / len(args_list)
 
 
-def bench(ms, shapes, backend: str, reps: int) -> list[dict]:
+def bench(ms, shapes, backend: str, reps: int, backward: bool = False) -> list[dict]:
     rows = []
     for model, proj, k, n in shapes:
         nf4_bytes = n * k // 2
@@ -125,11 +136,11 @@ def bench(ms, shapes, backend: str, reps: int) -> list[dict]:
         weights = [random_nf4(jax.random.key(i), n, k) for i in range(copies)]
         for m in ms:
             xs = [
-                jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16)
+                jax.random.normal(jax.random.key(100 + i), (m, n if backward else k), jnp.bfloat16)
                 for i in range(copies)
             ]
             row = dict(model=model, proj=proj, m=m, k=k, n=n)
-            for name, (prep, f, nbytes) in methods(backend).items():
+            for name, (prep, f, nbytes) in methods(backend, backward).items():
                 operands = [prep(w) for w in weights]
                 t = time_call(f, list(zip(xs, operands, strict=True)), reps)
                 moved = nbytes(operands[0]) + 2 * m * (k + n)
@@ -235,6 +246,7 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreted on a CPU")
     p.add_argument("--tune", action="store_true", help="sweep GPU tile candidates per M class")
     p.add_argument("--memory", action="store_true", help="only the compiled-scratch comparison")
+    p.add_argument("--backward", action="store_true", help="also time dx = dy @ W")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--m", type=int, nargs="*", default=list(MS))
     args = p.parse_args(argv)
@@ -254,6 +266,10 @@ def main(argv=None) -> None:
     check_correctness(ms, "pallas", args.smoke)
     print(HEADER)
     bench(ms, shapes, "pallas", reps)
+    if args.backward:
+        print("\nbackward, dx = dy @ W (same columns)")
+        print(HEADER)
+        bench(ms, shapes, "pallas", reps, backward=True)
     if args.tune:
         tune(ms, shapes[:3] if not args.smoke else shapes, reps, interpret=args.smoke)
 
