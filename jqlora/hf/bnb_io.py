@@ -18,8 +18,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
-
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
 from jqlora.models import checkpoint_map
@@ -31,8 +29,7 @@ _SUFFIX = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_
 
 def bnb_tensors(name: str, qt: QuantizedTensor) -> dict:
     """``{checkpoint name: array}`` for the 4-bit weight ``name`` (e.g. ``...q_proj.weight``)."""
-    parts = to_bnb(qt)
-    return {name if key == "weight" else f"{name}.{key}": value for key, value in parts.items()}
+    return to_bnb(qt, prefix=name)
 
 
 def split_name(ckpt_name: str) -> tuple[str, str]:
@@ -77,7 +74,7 @@ def load_prequantized(path: Path, model, dtype, progress=None) -> dict:
                 bar.update()
                 continue
             got = pending.setdefault(pname, {})
-            got[split_name(name)[1]] = array
+            got[name] = array
             if len(got) == len(parts):
                 flat[pname] = _quantized_leaf(pname, pending.pop(pname), expected, file)
                 bar.update()
@@ -88,7 +85,7 @@ def _quantized_leaf(pname: str, parts: dict, expected, file) -> QuantizedTensor:
     if not expected.is_linear_weight(pname):
         raise ValueError(f"{file}: {pname!r} is stored in 4 bits but is not a linear layer's weight")
     try:
-        qt = from_bnb({k: jnp.asarray(v) for k, v in parts.items()})
+        qt = from_bnb(parts, prefix=pname)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{file}: tensor {pname!r}: not a valid bitsandbytes 4-bit weight ({e})") from None
     if tuple(qt.shape) != expected.shapes[pname]:
