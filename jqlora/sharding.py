@@ -43,11 +43,12 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jqlora.quant import QuantizedTensor
 
@@ -55,7 +56,9 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # axes the batch is split over
 NESTED_BLOCKSIZE = 256  # double quantization: absmax values per nested block
 
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|fc1|query_key_value|dense_h_to_4h|w1|w3)"
+_COLUMN = (
+    r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|fc1|query_key_value|dense_h_to_4h|w1|w3)"
+)
 _ROW = r"(o_proj|down_proj|c_proj|fc2|out_proj|dense_4h_to_h|w2|dense)"
 
 DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
@@ -78,15 +81,21 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, eq, size = part.partition("=")
         name = name.strip()
         if not eq or name not in AXES:
-            raise ValueError(f"--mesh {text!r}: expected name=size pairs with names from {AXES}, got {part!r}")
+            raise ValueError(
+                f"--mesh {text!r}: expected name=size pairs with names from {AXES}, got {part!r}"
+            )
         if name in axes:
             raise ValueError(f"--mesh {text!r}: axis {name!r} given twice")
         try:
             axes[name] = int(size)
         except ValueError:
-            raise ValueError(f"--mesh {text!r}: size of {name!r} is not an integer: {size!r}") from None
+            raise ValueError(
+                f"--mesh {text!r}: size of {name!r} is not an integer: {size!r}"
+            ) from None
         if axes[name] < 1 and axes[name] != -1:
-            raise ValueError(f"--mesh {text!r}: size of {name!r} must be >= 1 or -1, got {axes[name]}")
+            raise ValueError(
+                f"--mesh {text!r}: size of {name!r} must be >= 1 or -1, got {axes[name]}"
+            )
     if not axes:
         raise ValueError(f"--mesh {text!r}: no axes given")
     if list(axes.values()).count(-1) > 1:
@@ -110,10 +119,14 @@ def make_mesh(axes: Mapping[str, int] | str | None = None, devices: Sequence | N
     known = math.prod(s for s in axes.values() if s != -1)
     if -1 in axes.values():
         if len(devices) % known:
-            raise ValueError(f"mesh {axes}: {len(devices)} devices do not divide into axes of product {known}")
+            raise ValueError(
+                f"mesh {axes}: {len(devices)} devices do not divide into axes of product {known}"
+            )
         axes = {k: (len(devices) // known if s == -1 else s) for k, s in axes.items()}
     if math.prod(axes.values()) != len(devices):
-        raise ValueError(f"mesh {axes} needs {math.prod(axes.values())} devices, but there are {len(devices)}")
+        raise ValueError(
+            f"mesh {axes} needs {math.prod(axes.values())} devices, but there are {len(devices)}"
+        )
     auto = (jax.sharding.AxisType.Auto,) * len(axes)
     return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=auto, devices=devices)
 
@@ -152,7 +165,7 @@ def _match(path: str, ndim: int, rules) -> tuple | None:
 def _fit_plain(shape, groups, mesh) -> list[tuple[str, ...]]:
     """Per dimension, the longest prefix of its axes whose product divides the dimension."""
     fitted = []
-    for dim, group in zip(shape, groups):
+    for dim, group in zip(shape, groups, strict=True):
         keep: tuple[str, ...] = ()
         for a in group:
             if dim % (_size(mesh, keep) * mesh.shape[a]) == 0:
@@ -195,7 +208,9 @@ def _quantized_shardings(qt: QuantizedTensor, out_g, in_g, mesh) -> QuantizedTen
         qt,
         codes=NamedSharding(mesh, codes),
         absmax=NamedSharding(mesh, _spec([out_g])),
-        nested_absmax=None if qt.nested_absmax is None else NamedSharding(mesh, _spec([out_g if nested_ok else ()])),
+        nested_absmax=None
+        if qt.nested_absmax is None
+        else NamedSharding(mesh, _spec([out_g if nested_ok else ()])),
         offset=None if qt.offset is None else NamedSharding(mesh, P()),
     )
 
@@ -216,7 +231,9 @@ def plan(params, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, list[tuple[str, .
         shape = _logical_shape(x)
         spec = _match(name, len(shape), rules)
         groups = [_group(mesh, e) for e in spec] if spec else [()] * len(shape)
-        placed[name] = _fit_quantized(name, x, groups, mesh) if _is_qt(x) else _fit_plain(shape, groups, mesh)
+        placed[name] = (
+            _fit_quantized(name, x, groups, mesh) if _is_qt(x) else _fit_plain(shape, groups, mesh)
+        )
     return placed
 
 
@@ -229,7 +246,9 @@ def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES):
     def one(path, x):
         groups = placed[_path_str(path)]
         if _is_qt(x):
-            return _quantized_shardings(x, groups[0] if groups else (), groups[-1] if groups else (), mesh)
+            return _quantized_shardings(
+                x, groups[0] if groups else (), groups[-1] if groups else (), mesh
+            )
         return NamedSharding(mesh, _spec(groups))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_qt)
@@ -271,7 +290,9 @@ def like_tree(state, tree, shardings, mesh: Mesh):
 
     def one(x):
         if like(x) and [np.shape(v) for v in jax.tree.leaves(x)] == shapes:
-            return jax.tree.map(lambda v, s: NamedSharding(mesh, s.spec, memory_kind=memory_kind(v)), x, shardings)
+            return jax.tree.map(
+                lambda v, s: NamedSharding(mesh, s.spec, memory_kind=memory_kind(v)), x, shardings
+            )
         return NamedSharding(mesh, P(), memory_kind=memory_kind(x))
 
     return jax.tree.map(one, state, is_leaf=like)
@@ -309,7 +330,9 @@ def shard(params, lora, opt_state=None, mesh: Mesh | None = None, rules=DEFAULT_
     p_sh = param_shardings(params, mesh, rules)
     l_sh = lora_shardings(lora, params, mesh, rules)
     placed_lora = place(lora, l_sh)
-    placed_opt = None if opt_state is None else place(opt_state, like_tree(opt_state, lora, l_sh, mesh))
+    placed_opt = (
+        None if opt_state is None else place(opt_state, like_tree(opt_state, lora, l_sh, mesh))
+    )
     return place(params, p_sh), placed_lora, placed_opt
 
 
@@ -331,11 +354,15 @@ def process_rows(global_rows: int, mesh: Mesh) -> slice:
     contiguous block of rows (``make_mesh`` over ``jax.devices()`` does).
     """
     index = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
-    bounds = sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in index.values()})
+    bounds = sorted(
+        {(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in index.values()}
+    )
     covered = sum(hi - lo for lo, hi in bounds)
     lo, hi = bounds[0][0], bounds[-1][1]
     if covered != hi - lo:
-        raise ValueError(f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds non-contiguous batch rows {bounds}")
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds non-contiguous batch rows {bounds}"
+        )
     return slice(lo, hi)
 
 
@@ -362,7 +389,11 @@ def shard_batch(batch, mesh: Mesh):
 # ----------------------------------------------------------------------------- processes
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None):
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+):
     """``jax.distributed.initialize`` with CPU collectives over gloo (used only by CPU
     devices; GPUs use NCCL, TPUs their interconnect). Call it first, before any other jax
     call, in every process. On a TPU slice, or under SLURM / Open MPI, the arguments
@@ -387,7 +418,9 @@ def restore_sharded(path: str, like):
     of ``like`` (arrays or ``jax.ShapeDtypeStruct`` with shardings); every process calls it."""
     import orbax.checkpoint as ocp
 
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like
+    )
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore(os.path.abspath(path), abstract)
 
@@ -395,7 +428,14 @@ def restore_sharded(path: str, like):
 # ----------------------------------------------------------------------------- memory
 
 
-MODEL_SPLIT = ("base weights", "LoRA parameters", "LoRA gradients", "optimizer state", "weight gradients", "f32 master weights")
+MODEL_SPLIT = (
+    "base weights",
+    "LoRA parameters",
+    "LoRA gradients",
+    "optimizer state",
+    "weight gradients",
+    "f32 master weights",
+)
 BATCH_SPLIT = ("activations", "logits + loss")
 
 
@@ -421,5 +461,7 @@ def per_device(estimate, mesh_axes: Mapping[str, int] | str):
             for k, v in parts.items()
         }
 
-    columns = tuple(dataclasses.replace(c, device=split(c.device), host=split(c.host)) for c in estimate.columns)
+    columns = tuple(
+        dataclasses.replace(c, device=split(c.device), host=split(c.host)) for c in estimate.columns
+    )
     return dataclasses.replace(estimate, columns=columns)

@@ -57,7 +57,10 @@ def build() -> dict:
     params = jax.tree_util.tree_map_with_path(quantize_linear, params)
     lora = init_lora(jax.random.PRNGKey(1), params, LoraConfig(r=4, alpha=8))
     lora = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(2), x.shape) if p[-1].key == "b" else x, lora
+        lambda p, x: (
+            x + 0.02 * jax.random.normal(jax.random.PRNGKey(2), x.shape) if p[-1].key == "b" else x
+        ),
+        lora,
     )
     ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (BATCH, SEQ)).astype(np.int32)
     return jax.tree.map(np.asarray, {"params": params, "lora": lora, "batch": {"input_ids": ids}})
@@ -102,6 +105,9 @@ def train(setup: dict, mesh=None, steps: int = STEPS, batch=None):
 def rel_diff(a, b) -> float:
     """``||a - b|| / ||b||`` over all leaves of two trees."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) for x, y in zip(la, lb))
+    num = sum(
+        float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+        for x, y in zip(la, lb, strict=True)
+    )
     den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in lb)
     return (num / den) ** 0.5

@@ -23,10 +23,10 @@ def main(setup_path, workdir, port, num_processes, process_id, devices_per_proce
     jax.config.update("jax_num_cpu_devices", int(devices_per_process))
     initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id))
 
+    import mesh_setup
     import numpy as np
     from jax.experimental import multihost_utils
 
-    import mesh_setup
     from jqlora.sharding import make_mesh, process_rows, restore_sharded, save_sharded
 
     setup = mesh_setup.load(setup_path)
@@ -39,14 +39,19 @@ def main(setup_path, workdir, port, num_processes, process_id, devices_per_proce
     save_sharded(ckpt, state)
     restored = restore_sharded(ckpt, state)
 
-    gather = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))  # noqa: E731
+    gather = lambda tree: jax.tree.map(
+        np.asarray, multihost_utils.process_allgather(tree, tiled=True)
+    )  # noqa: E731
     codes = params["model"]["layers"]["0"]["mlp"]["down_proj"]["weight"].codes
     result = {
         "losses": losses,
         "rows": (rows.start, rows.stop),
         "lora": gather(state.lora),
         "restored_equal": all(
-            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gather(state)), jax.tree.leaves(gather(restored)))
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(gather(state)), jax.tree.leaves(gather(restored)), strict=True
+            )
         ),
         "restored_specs_equal": [x.sharding for x in jax.tree.leaves(restored)]
         == [x.sharding for x in jax.tree.leaves(state)],

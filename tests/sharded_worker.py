@@ -23,7 +23,11 @@ import mesh_setup  # noqa: E402
 from jqlora.quant import QuantizedTensor  # noqa: E402
 from jqlora.sharding import make_mesh  # noqa: E402
 
-MESHES = {"fsdp=8": {"fsdp": 8}, "data=2,fsdp=4": {"data": 2, "fsdp": 4}, "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2}}
+MESHES = {
+    "fsdp=8": {"fsdp": 8},
+    "data=2,fsdp=4": {"data": 2, "fsdp": 4},
+    "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2},
+}
 
 
 def _rel(a, b) -> float:
@@ -35,7 +39,9 @@ def _codes_layout(params) -> dict:
     """Per quantized weight: global codes shape, one shard's shape, distinct shards, and
     whether every device's absmax shard is that of its rows."""
     out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda v: isinstance(v, QuantizedTensor))[0]:
+    for path, x in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda v: isinstance(v, QuantizedTensor)
+    )[0]:
         if not isinstance(x, QuantizedTensor):
             continue
         name = ".".join(str(k.key) for k in path)
@@ -56,9 +62,15 @@ def _codes_layout(params) -> dict:
 def _opt_follows_lora(state) -> bool:
     """Adam's mu and nu carry exactly the adapters' shardings."""
     lora_specs = [x.sharding.spec for x in jax.tree.leaves(state.lora)]
-    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
+    adam = [
+        s
+        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: hasattr(s, "mu"))
+        if hasattr(s, "mu")
+    ]
     return bool(adam) and all(
-        [x.sharding.spec for x in jax.tree.leaves(getattr(s, f))] == lora_specs for s in adam for f in ("mu", "nu")
+        [x.sharding.spec for x in jax.tree.leaves(getattr(s, f))] == lora_specs
+        for s in adam
+        for f in ("mu", "nu")
     )
 
 
@@ -72,7 +84,9 @@ def shard_map_grads(setup):
     grad = jax.value_and_grad(loss_fn, has_aux=True)
     dev0 = jax.devices()[0]
     lora, params, batch = (jax.device_put(setup[k], dev0) for k in ("lora", "params", "batch"))
-    (ref_loss, _), ref_grads = jax.jit(lambda l, p, b: grad(l, p, b, model=m))(lora, params, batch)
+    (ref_loss, _), ref_grads = jax.jit(lambda lo, p, b: grad(lo, p, b, model=m))(
+        lora, params, batch
+    )
 
     def local(lora, params, batch):
         # Each device's loss is weighted by its share of the target tokens. ``lora`` is
@@ -80,11 +94,15 @@ def shard_map_grads(setup):
         # cotangent over the axis: the gradient below is the global one.
         tokens = jnp.sum(target_mask(batch))
         share = tokens / jax.lax.psum(tokens, "data")
-        loss, g = jax.value_and_grad(lambda l: loss_fn(l, params, batch, model=m)[0] * share)(lora)
+        loss, g = jax.value_and_grad(lambda lo: loss_fn(lo, params, batch, model=m)[0] * share)(
+            lora
+        )
         return jax.lax.psum(loss, "data"), g
 
     mesh = make_mesh({"data": 8})
-    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P(), P())))
+    f = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P(), P()))
+    )
     loss, grads = f(setup["lora"], setup["params"], setup["batch"])  # host arrays: jit places them
     return {"loss_rel": _rel(loss, ref_loss), "grad_rel": mesh_setup.rel_diff(grads, ref_grads)}
 
@@ -95,7 +113,11 @@ def main(setup_path: str) -> None:
     clock = time.process_time()
     with jax.default_device(jax.devices()[0]):
         ref_losses, ref_state, _ = mesh_setup.train(setup)
-    result = {"ref_losses": ref_losses, "meshes": {}, "cpu_s": {"one device": time.process_time() - clock}}
+    result = {
+        "ref_losses": ref_losses,
+        "meshes": {},
+        "cpu_s": {"one device": time.process_time() - clock},
+    }
     for name, axes in MESHES.items():
         clock = time.process_time()
         losses, state, params = mesh_setup.train(setup, make_mesh(axes))
@@ -106,7 +128,9 @@ def main(setup_path: str) -> None:
             "lora_rel": mesh_setup.rel_diff(state.lora, ref_state.lora),
             "layout": _codes_layout(params),
             "opt_follows_lora": _opt_follows_lora(state),
-            "lora_b_spec": str(state.lora["model"]["layers"]["0"]["self_attn"]["q_proj"]["b"].sharding.spec),
+            "lora_b_spec": str(
+                state.lora["model"]["layers"]["0"]["self_attn"]["q_proj"]["b"].sharding.spec
+            ),
         }
     clock = time.process_time()
     result["shard_map"] = shard_map_grads(setup)

@@ -15,10 +15,9 @@ import sys
 import time
 
 import jax
+import mesh_setup
 import numpy as np
 import pytest
-
-import mesh_setup
 
 HERE = os.path.dirname(__file__)
 TIMEOUT_S = 300
@@ -45,13 +44,22 @@ def _run(setup_path, workdir, n: int, devices: int, mesh: str) -> list[dict]:
     whatever happens; returns each process's result."""
     port = _free_port()
     # Unoptimized XLA compiles faster; the comparison tolerance covers the difference.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    )
     procs, logs = [], []
     try:
         for i in range(n):
             log = open(workdir / f"log_{i}.txt", "w")
             logs.append(log)
-            args = [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(setup_path), str(workdir)]
+            args = [
+                sys.executable,
+                os.path.join(HERE, "multiprocess_worker.py"),
+                str(setup_path),
+                str(workdir),
+            ]
             args += [str(port), str(n), str(i), str(devices), mesh]
             procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + TIMEOUT_S
@@ -76,7 +84,9 @@ def _run(setup_path, workdir, n: int, devices: int, mesh: str) -> list[dict]:
 
 
 def _tails(workdir, n: int) -> str:
-    return "\n".join(f"--- process {i}:\n" + (workdir / f"log_{i}.txt").read_text()[-2000:] for i in range(n))
+    return "\n".join(
+        f"--- process {i}:\n" + (workdir / f"log_{i}.txt").read_text()[-2000:] for i in range(n)
+    )
 
 
 @pytest.mark.parametrize("n, devices, mesh", [(2, 2, "fsdp=2,data=2"), (4, 1, "data=4")])
@@ -92,4 +102,6 @@ def test_multiprocess_training_equals_single_process(reference, tmp_path, n, dev
     assert results[-1]["losses"][-1] < results[-1]["losses"][0]
     if "fsdp" in mesh:  # each process holds half of the codes, one quarter per device
         out, half_in = results[0]["codes_shape"]
-        assert all(shape == (out // 2, half_in) for r in results for shape in r["codes_local_shapes"])
+        assert all(
+            shape == (out // 2, half_in) for r in results for shape in r["codes_local_shapes"]
+        )

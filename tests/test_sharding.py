@@ -14,12 +14,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import mesh_setup
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
-import mesh_setup
 from jqlora.quant import quantize
 from jqlora.sharding import (
     BATCH_SPLIT,
@@ -67,7 +68,11 @@ def _weights(**shapes):
     rng = np.random.default_rng(0)
     return {
         "model": {
-            n: {"weight": quantize(jnp.asarray(rng.normal(size=s), jnp.float32), "nf4", 64, double_quant=True)}
+            n: {
+                "weight": quantize(
+                    jnp.asarray(rng.normal(size=s), jnp.float32), "nf4", 64, double_quant=True
+                )
+            }
             for n, s in shapes.items()
         }
     }
@@ -100,9 +105,17 @@ def test_adapters_and_optimizer_state_follow_the_base():
     assert ls["model"]["o_proj"]["a"].spec == P(None, "tensor")
     assert ls["model"]["o_proj"]["b"].spec == P("fsdp")
     opt_state = optax.adamw(1e-3).init(lora)
-    specs = jax.tree.leaves(like_tree(opt_state, lora, ls, mesh), is_leaf=lambda s: hasattr(s, "spec"))
+    specs = jax.tree.leaves(
+        like_tree(opt_state, lora, ls, mesh), is_leaf=lambda s: hasattr(s, "spec")
+    )
     # count (replicated), mu (a, b), nu (a, b)
-    assert [s.spec for s in specs] == [P(), P(None, "tensor"), P("fsdp"), P(None, "tensor"), P("fsdp")]
+    assert [s.spec for s in specs] == [
+        P(),
+        P(None, "tensor"),
+        P("fsdp"),
+        P(None, "tensor"),
+        P("fsdp"),
+    ]
 
 
 def test_per_device_memory_divides_the_estimate():
@@ -111,13 +124,19 @@ def test_per_device_memory_divides_the_estimate():
     config = dict(mesh_setup.CONFIG, num_hidden_layers=2)
     one = estimate_memory(config, batch_size=8, seq_len=64, offload=True, backend="xla")
     mesh = per_device(one, "data=2,fsdp=2,tensor=2")
-    for c1, cn in zip(one.columns, mesh.columns):
+    for c1, cn in zip(one.columns, mesh.columns, strict=True):
         for k, v in c1.device.items():
             want = v / 4 if k in MODEL_SPLIT else v / 4 if k in BATCH_SPLIT else v
             assert cn.device[k] == pytest.approx(want, abs=1), (c1.name, k)
         assert cn.host == {k: -(-v // 4) for k, v in c1.host.items()}
-    assert mesh.qlora.device["dequantize scratch (XLA)"] == one.qlora.device["dequantize scratch (XLA)"]
-    assert per_device(one, {"tensor": 2}).qlora.device["activations"] == one.qlora.device["activations"]
+    assert (
+        mesh.qlora.device["dequantize scratch (XLA)"]
+        == one.qlora.device["dequantize scratch (XLA)"]
+    )
+    assert (
+        per_device(one, {"tensor": 2}).qlora.device["activations"]
+        == one.qlora.device["activations"]
+    )
     with pytest.raises(ValueError, match="no -1"):
         per_device(one, "data=-1")
 
@@ -134,7 +153,10 @@ def sharded(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "sharded_worker.py"), str(path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -150,7 +172,9 @@ def test_sharded_training_equals_one_device(sharded, mesh):
     assert run["opt_follows_lora"]
 
 
-@pytest.mark.parametrize("mesh, shards", [("fsdp=8", 8), ("data=2,fsdp=4", 4), ("fsdp=4,tensor=2", 8)])
+@pytest.mark.parametrize(
+    "mesh, shards", [("fsdp=8", 8), ("data=2,fsdp=4", 4), ("fsdp=4,tensor=2", 8)]
+)
 def test_quantized_base_is_really_sharded(sharded, mesh, shards):
     layout = sharded["meshes"][mesh]["layout"]
     assert len(layout) == 7  # q, k, v, o, gate, up, down
