@@ -226,7 +226,7 @@ def finetune(
     if grad_accum > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=grad_accum)
     if offload_optimizer:
-        from jqlora import offload
+        from jqlora.train.offload import offload
 
         optimizer = offload(optimizer)
     state = init_train_state(lora, optimizer)

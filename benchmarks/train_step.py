@@ -1,0 +1,266 @@
+"""The QLoRA train step, jqlora beside PyTorch (PEFT + bitsandbytes, and PEFT LoRA without quantization).
+
+Same model, same data, same recipe in every row: NF4 with double quantization (the LoRA row:
+float base), LoRA r=16 alpha=32 dropout=0.05 on every linear layer but lm_head, AdamW at 2e-4
+with the gradient norm clipped to 0.3, batch 4 x seq 256 of English text (the licence texts
+in /usr/share/common-licenses, tokenized with SmolLM2's tokenizer), float32 compute.
+Each implementation runs in its own process (so peak RSS is its own) for ``--steps`` steps:
+
+- median step time over the steps after ``--warmup`` (compilation, first allocations), tokens/s;
+- peak RSS of the process;
+- loss of the last step and eval loss on a held-out batch before and after;
+- jqlora only: the step's model FLOP/s as a fraction of this machine's float32 ``jnp.dot``
+  rate measured in the same process. Model FLOPs per step: ``4 N T`` (forward ``2 N T`` plus
+  backward to the inputs ``2 N T``; N = parameters of every matmul incl. the LM head, T =
+  tokens) plus attention ``8 L b s^2 d`` (QK^T and PV, forward and backward to inputs).
+
+    python benchmarks/train_step.py                         # both configs, all three, 50 steps
+    python benchmarks/train_step.py --config tiny --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+IMPLS = ("jqlora", "peft-bnb", "peft-lora")
+BATCH, SEQ = 4, 256
+WORK = os.path.join(tempfile.gettempdir(), "jqlora-bench")
+TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+# ----------------------------------------------------------------------------- shared inputs
+
+
+def model_dir(config: str) -> str:
+    """A float safetensors checkpoint every implementation loads (made once, cached)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    out = os.path.join(WORK, config)
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    if config == "tiny":
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**TINY))
+    else:
+        from jqlora.hf.smollm2 import smollm2_gguf_path
+
+        gguf = smollm2_gguf_path(fetch=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # a GGUF-loaded model refuses to save until these go
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.save_pretrained(out)
+    return out
+
+
+def token_batches(n_batches: int, vocab: int) -> np.ndarray:
+    """``[n_batches, BATCH, SEQ]`` token windows of the licence texts (cycled if needed)."""
+    cache = os.path.join(WORK, "tokens.npy")
+    if not os.path.exists(cache):
+        from jqlora.hf.smollm2 import smollm2_gguf_path
+        from jqlora.train.data import load_tokenizer
+
+        tok = load_tokenizer(str(smollm2_gguf_path(fetch=True)))
+        text = "\n\n".join(open(p, errors="replace").read() for p in sorted(glob.glob("/usr/share/common-licenses/*"))
+                           if os.path.isfile(p))
+        os.makedirs(WORK, exist_ok=True)
+        np.save(cache, np.asarray(tok(text)["input_ids"], np.int32))
+    ids = np.load(cache) % vocab
+    need = n_batches * BATCH * SEQ
+    ids = np.resize(ids, need) if len(ids) < need else ids[:need]
+    return ids.reshape(n_batches, BATCH, SEQ)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import jqlora
+    from jqlora.lora.targets import linear_modules
+
+    dot_rate = measure_dot_rate()
+    model, params = jqlora.load_hf(directory, quantization=jqlora.QuantConfig("nf4", double_quant=True))
+    lora = jqlora.init_lora(jax.random.key(0), params,
+                            jqlora.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear"))
+    optimizer = jqlora.make_optimizer(2e-4, max_grad_norm=0.3)
+    state = jqlora.init_train_state(lora, optimizer)
+    step = jqlora.make_train_step(model, optimizer)
+    eval_fn = jax.jit(lambda lora, b: jqlora.loss_fn(lora, params, b, model=model)[0])
+    held = {"input_ids": jnp.asarray(batches[-1])}
+    eval_before = float(eval_fn(state.lora, held))
+    times, key = [], jax.random.key(1)
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, params, {"input_ids": jnp.asarray(batches[i])}, rng=jax.random.fold_in(key, i))
+        loss = float(m["loss"])
+        times.append(time.perf_counter() - t0)
+    eval_after = float(eval_fn(state.lora, held))
+    c = model.config
+    n_matmul = sum(_size(_get(params, p)["weight"]) for p in linear_modules(params))
+    if c.tie_word_embeddings:
+        n_matmul += c.vocab_size * c.hidden_size
+    tokens = BATCH * SEQ
+    flops = 4 * n_matmul * tokens + 8 * c.num_hidden_layers * BATCH * SEQ * SEQ * c.num_attention_heads * c.head_dim
+    out = summary(times, warmup, loss, eval_before, eval_after)
+    out.update(model_flops_per_step=flops, dot_flops_per_s=dot_rate,
+               model_flops_per_s=flops / out["median_step_s"], fraction_of_dot=flops / out["median_step_s"] / dot_rate)
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _size(w) -> int:
+    return int(np.prod(w.shape))
+
+
+def measure_dot_rate(n: int = 2048, reps: int = 10) -> float:
+    """This machine's float32 ``jnp.dot`` rate (FLOP/s), median of ``reps`` fresh products."""
+    import jax
+    import jax.numpy as jnp
+
+    dot = jax.jit(jnp.dot)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        b = b + 1.0  # a fresh input each time
+        b.block_until_ready()
+        t0 = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def run_torch(directory: str, batches: np.ndarray, steps: int, warmup: int, quantized: bool) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    if quantized:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb, device_map="cpu",
+                                                     dtype=torch.float32)
+        for m in model.modules():  # keep exact NF4 with a backward: no bf16 repacking on AVX512 CPUs
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    held = torch.tensor(batches[-1], dtype=torch.long)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            out = float(model(input_ids=held, labels=held).loss)
+        model.train()
+        return out
+
+    eval_before = eval_loss()
+    times = []
+    for i in range(steps):
+        ids = torch.tensor(batches[i], dtype=torch.long)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(loss)
+        times.append(time.perf_counter() - t0)
+    return summary(times, warmup, loss, eval_before, eval_loss())
+
+
+def summary(times, warmup, loss, eval_before, eval_after) -> dict:
+    median = statistics.median(times[warmup:] or times)
+    return dict(median_step_s=median, tokens_per_s=BATCH * SEQ / median, peak_rss_bytes=peak_rss(),
+                loss_last_step=loss, eval_loss_before=eval_before, eval_loss_after=eval_after, steps=len(times))
+
+
+def worker(impl: str, config: str, steps: int, warmup: int) -> dict:
+    directory = model_dir(config)
+    vocab = json.load(open(os.path.join(directory, "config.json")))["vocab_size"]
+    batches = token_batches(steps + 1, vocab)  # the last batch is held out
+    if impl == "jqlora":
+        return run_jqlora(directory, batches, steps, warmup)
+    return run_torch(directory, batches, steps, warmup, quantized=impl == "peft-bnb")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=("smollm2", "tiny", "both"), default="both")
+    p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.impl, args.config, args.steps, args.warmup)), flush=True)
+        return
+    configs = ("tiny", "smollm2") if args.config == "both" else (args.config,)
+    rows = []
+    for config in configs:
+        model_dir(config)  # build once, outside the timed processes
+        token_batches(1, 2)
+        for impl in args.impl.split(","):
+            cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{impl} on {config} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            row = dict(json.loads(line[7:]), impl=impl, config=config)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(rows)
+
+
+def print_table(rows):
+    print("\n| config | implementation | median step (s) | tokens/s | vs PEFT+bnb | peak RSS (GiB) | "
+          "eval loss before -> after | last-step loss | model FLOP/s / f32 dot |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = next((x for x in rows if x["config"] == r["config"] and x["impl"] == "peft-bnb"), None)
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "n/a"
+        frac = f"{r['fraction_of_dot']:.0%} ({r['model_flops_per_s'] / 1e9:.0f} / {r['dot_flops_per_s'] / 1e9:.0f} GFLOP/s)" \
+            if "fraction_of_dot" in r else ""
+        print(f"| {r['config']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
+              f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "
+              f"{r['loss_last_step']:.3f} | {frac} |")
+
+
+if __name__ == "__main__":
+    main()
