@@ -219,7 +219,7 @@ def test_check_lora_runs_under_jit_and_on_quantized_params():
     q = params["model"]["layers"]["0"]["self_attn"]["q_proj"]
     q["weight"] = jqlora.quantize(q["weight"])
     lora = _good_lora()
-    jax.jit(lambda p, l: check_lora(p, l) or 0)(params, lora)
+    jax.jit(lambda p, tree: check_lora(p, tree) or 0)(params, lora)
 
 
 def test_stacked_layers_get_stacked_adapters():

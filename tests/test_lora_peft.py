@@ -206,7 +206,7 @@ def test_dora_magnitude_and_gradients_match_peft():
     x = x_input()
     run_torch_loss = ref(torch.from_numpy(x)).square().sum()
     run_torch_loss.backward()
-    grads = jax.grad(lambda l: jnp.sum(FlaxBlock().apply({"params": params, "lora": l}, jnp.asarray(x)) ** 2))(lora)
+    grads = jax.grad(lambda tree: jnp.sum(FlaxBlock().apply({"params": params, "lora": tree}, jnp.asarray(x)) ** 2))(lora)
     for path in (("attn", "v_proj"), ("mlp", "up_proj")):
         layer = ref.base_model.model.get_submodule(".".join(path))
         g = grads[path[0]][path[1]]
