@@ -67,54 +67,62 @@ def check_quantize_args(w, quant_type: str, blocksize: int, name: str = "tensor"
 def bucketize(x: jax.Array, quant_type: str) -> jax.Array:
     """The 4-bit code (int32) of every element of ``x``, already scaled to [-1, 1].
 
-    ``order[#{bounds < x}]`` written as a telescoping sum over the 15 bounds, so it is one
-    fused elementwise loop with no gather: ``order[0] + sum_i [x > bounds_i] *
-    (order[i+1] - order[i])``. ``not (x <= b)`` counts NaN above every bound, as
-    ``torch.bucketize`` does.
+    ``order[#{bounds < x}]``, found by a 4-step binary search over the 15 sorted bounds.
+    Each step's bound is chosen from constants by the earlier steps' outcomes (selects, no
+    gather), so XLA fuses the search into one vectorized loop. ``not (x <= b)`` counts NaN
+    above every bound, as ``torch.bucketize`` does.
     """
     bounds, order = bucket_bounds(quant_type)
-    code = jnp.full(x.shape, order[0], jnp.int32)
-    for i, bound in enumerate(bounds):
-        step = int(order[i + 1] - order[i])
-        code = code + jnp.where(x <= bound, 0, step)
-    return code
+    above = []  # above[k]: x is in the upper half at step k (bit 3 - k of the bucket index)
+    for step in (8, 4, 2, 1):
+        candidates = [np.float32(bounds[base + step - 1]) for base in range(0, 16, 2 * step)]
+        above.append(~(x <= _choose(above, candidates)))
+    if np.array_equal(order, np.arange(16)):
+        return sum(jnp.where(bit, 1 << (3 - k), 0) for k, bit in enumerate(above))
+    return _choose(above, [np.int32(o) for o in order])
 
 
-def _zero_code(quant_type: str) -> int:
-    bounds, order = bucket_bounds(quant_type)
-    return int(order[np.searchsorted(bounds, np.float32(0.0), side="left")])
+def _choose(bits: list, values: list):
+    """``values[index]`` where the booleans ``bits`` are the index's binary digits, MSB first."""
+    if len(values) == 1:
+        return values[0]
+    half = len(values) // 2
+    return jnp.where(bits[0], _choose(bits[1:], values[half:]), _choose(bits[1:], values[:half]))
+
+
+def _pack_scaled(scaled: jax.Array, quant_type: str) -> jax.Array:
+    """Bytes of the codes of ``scaled`` (even length): even-index element in the high nibble.
+
+    Both nibbles are computed from strided views of ``scaled``, so XLA fuses scaling,
+    bucketing and packing into one loop that writes only the bytes.
+    """
+    pairs = scaled.reshape(-1, 2)
+    hi, lo = bucketize(pairs[:, 0], quant_type), bucketize(pairs[:, 1], quant_type)
+    return ((hi << 4) | lo).astype(jnp.uint8)
 
 
 def _quantize_4bit(flat: jax.Array, quant_type: str, blocksize: int) -> tuple[jax.Array, jax.Array]:
-    """``(codes int32 [n], absmax f32 [n_blocks])`` of a flat float32 array."""
+    """``(packed uint8 [ceil(n / 2)], absmax f32 [n_blocks])`` of a flat float32 array."""
     n = flat.shape[0]
     full = n - n % blocksize
-    codes, absmax = [], []
+    packed, absmax = [], []
     if full:
         blocks = flat[:full].reshape(-1, blocksize)
         am = jnp.max(jnp.abs(blocks), axis=1)
         recip = jnp.where(am < _FLT_MIN, _RECIP_TINY, 1.0 / am)
-        codes.append(bucketize(blocks * recip[:, None], quant_type).reshape(-1))
+        packed.append(_pack_scaled(blocks * recip[:, None], quant_type))
         absmax.append(am)
     if full < n:
-        # bitsandbytes divides in the partial last block (full blocks multiply by 1/absmax)
-        # and stores its clamped absmax.
+        # bitsandbytes divides in the partial last block (full blocks multiply by 1/absmax),
+        # stores its clamped absmax, and pads an odd count with a scaled 0.0.
         tail = flat[full:]
         am = jnp.max(jnp.abs(tail))
         tiny = am < _FLT_MIN
-        codes.append(bucketize(jnp.where(tiny, tail * _RECIP_TINY, tail / am), quant_type))
+        scaled = jnp.where(tiny, tail * _RECIP_TINY, tail / am)
+        packed.append(_pack_scaled(jnp.pad(scaled, (0, (n - full) % 2)), quant_type))
         absmax.append(jnp.where(tiny, _TINY, am)[None])
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    return cat(codes), cat(absmax)
-
-
-def pack(codes: jax.Array, shape: tuple[int, ...], pad_code: int) -> jax.Array:
-    """Two 4-bit codes per byte, the even-index element in the high nibble."""
-    if codes.shape[0] % 2:
-        codes = jnp.concatenate([codes, jnp.full((1,), pad_code, codes.dtype)])
-    pairs = codes.reshape(-1, 2)
-    packed = (pairs[:, 0] << 4) | pairs[:, 1]
-    return packed.astype(jnp.uint8).reshape(codes_shape(shape))
+    return cat(packed), cat(absmax)
 
 
 def unpack(codes: jax.Array, n: int) -> jax.Array:
@@ -178,8 +186,8 @@ def decode_absmax(qt: QuantizedTensor) -> jax.Array:
     """The float32 absmax of every block, decoding double quantization if present.
 
     ``DYN[q] * nested_absmax`` and ``+ offset`` are two separately rounded float32 operations
-    in bitsandbytes; the optimization barrier keeps XLA from fusing them into one FMA, which
-    would move thousands of values by one ulp.
+    in bitsandbytes; fused into one FMA (as XLA does under jit) thousands of values move by
+    one ulp.
     """
     if not qt.double_quant:
         return qt.absmax
@@ -187,16 +195,23 @@ def decode_absmax(qt: QuantizedTensor) -> jax.Array:
     n_blocks = q.shape[0]
     n_nested = qt.nested_absmax.shape[-1]
     q = jnp.pad(q, (0, n_nested * NESTED_BLOCKSIZE - n_blocks)).reshape(n_nested, NESTED_BLOCKSIZE)
-    scaled = (jnp.asarray(DYNAMIC_SIGNED)[q] * qt.nested_absmax.reshape(-1, 1)).reshape(-1)[:n_blocks]
-    scaled = jax.lax.optimization_barrier(scaled)
+    scaled = (jnp.asarray(DYNAMIC_SIGNED)[q] * qt.nested_absmax.reshape(-1, 1)).reshape(-1)
+    # XLA drops optimization barriers and contracts the multiply-add into one FMA. A select
+    # on the product's bits keeps the multiply from feeding the add directly, so the product
+    # is rounded first. Its condition is false only when the offset is one particular NaN,
+    # and then the sum is NaN whichever arm is taken; no compiler can prove that.
+    bits = jax.lax.bitcast_convert_type(scaled, jnp.int32)
+    offset_bits = jax.lax.bitcast_convert_type(jnp.asarray(qt.offset, jnp.float32), jnp.int32)
+    bits = jnp.where(offset_bits != jnp.int32(0x7FBADBAD), bits, bits ^ 1)
+    scaled = jax.lax.bitcast_convert_type(bits, jnp.float32)[:n_blocks]
     return scaled + qt.offset
 
 
 @functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "double_quant"))
 def _quantize(w: jax.Array, quant_type: str, blocksize: int, double_quant: bool):
     flat = w.reshape(-1).astype(jnp.float32)
-    codes, absmax = _quantize_4bit(flat, quant_type, blocksize)
-    packed = pack(codes, w.shape, _zero_code(quant_type))
+    packed, absmax = _quantize_4bit(flat, quant_type, blocksize)
+    packed = packed.reshape(codes_shape(w.shape))
     if not double_quant:
         return packed, absmax, None, None
     offset = accurate_mean(absmax)
