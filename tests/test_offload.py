@@ -65,3 +65,26 @@ def test_offload_outside_jit():
     assert memory_kinds(state) == {"pinned_host"}
     ref_updates, _ = optax.adam(0.1).update({"w": jnp.ones(3)}, optax.adam(0.1).init(params), params)
     np.testing.assert_array_equal(updates["w"], ref_updates["w"])
+
+
+def test_offload_wraps_gradient_accumulation():
+    """optax.MultiSteps (what a loop uses for gradient accumulation) offloads like any optimizer."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    grads = [{"w": jnp.full((2, 3), float(i + 1))} for i in range(6)]
+
+    def run(opt):
+        @jax.jit
+        def update(g, s, p):
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p, s = params, opt.init(params)
+        for g in grads:
+            p, s = update(g, s, p)
+        return p, s
+
+    inner = optax.MultiSteps(optax.adamw(0.1), every_k_schedule=3)
+    p0, _ = run(inner)
+    p1, s1 = run(offload(optax.MultiSteps(optax.adamw(0.1), every_k_schedule=3)))
+    np.testing.assert_array_equal(p0["w"], p1["w"])
+    assert memory_kinds(s1) == {"pinned_host"}
