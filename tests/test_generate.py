@@ -160,3 +160,40 @@ def test_bad_generate_input(bases):
         generate(model, params, PROMPTS, temperature=1.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, params, PROMPTS, max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct in transformers (float32) and in jqlora, with its tokenizer."""
+    import transformers as tf
+
+    from jqlora.hf.smollm2 import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    reference = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model, params = jqlora.load_hf(path)
+    return tokenizer, reference, model, params
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers(smollm2):
+    """32 greedy tokens for a left-padded batch of two chat prompts, token for token."""
+    tokenizer, reference, model, params = smollm2
+    questions = ["What is the capital of France?", "Write a haiku about the sea and the wind at night."]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask.min() == 0  # the batch really is padded
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=32, do_sample=False,
+            eos_token_id=eos, pad_token_id=pad,
+        ).numpy()  # fmt: skip
+    got = generate(model, params, ids, attention_mask=mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=pad)
+    np.testing.assert_array_equal(got, expected)
