@@ -46,3 +46,9 @@ __all__ += ["from_bnb", "to_bnb"]
 from jqlora.memory import estimate_memory  # noqa: E402
 
 __all__ += ["estimate_memory"]
+
+from jqlora.generate import generate, stream_generate  # noqa: E402
+from jqlora.hf.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
+from jqlora.lora.multi import map_rows, stack_adapters  # noqa: E402
+
+__all__ += ["generate", "load_peft_adapter", "map_rows", "save_peft_adapter", "stack_adapters", "stream_generate"]
