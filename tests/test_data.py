@@ -132,3 +132,20 @@ def test_bucket_lengths_bound_the_shapes():
     assert data.bucket_lengths(128) == (32, 48, 64, 96, 128)
     assert data.bucket_lengths(100) == (32, 48, 64, 96, 100)
     assert data.bucket_lengths(16) == (16,)
+
+
+def test_rare_buckets_merge_into_the_next_one():
+    # 2 of 40 batches would fit 64: not worth a compilation; 96 takes them.
+    assert data.common_buckets([60] * 2 + [80] * 38, (32, 48, 64, 96, 128), 0.1) == (96,)
+    assert data.common_buckets([60] * 10 + [80] * 30, (32, 48, 64, 96, 128), 0.1) == (64, 96)
+    assert data.common_buckets([20] * 39 + [120], (32, 48, 64, 96, 128), 0.1) == (32, 128)
+    exs = [data.Example(np.ones(n, np.int32), np.ones(n, np.uint8)) for n in [40] * 2 + [90] * 60]
+    stream = data.BatchStream(exs, batch_size=1, seq_len=128, pad_id=0, seed=0)
+    assert stream.buckets == (96,) and {stream[i]["input_ids"].shape[1] for i in range(62)} == {96}
+
+
+def test_eval_batches_have_one_shape():
+    exs = [data.Example(np.ones(n, np.int32), np.ones(n, np.uint8)) for n in (5, 40, 70, 9, 33)]
+    shapes = {b["input_ids"].shape for b in data.eval_batches(exs, 2, 128, 0)}
+    assert shapes == {(2, 96)}
+    assert sum(int(b["attention_mask"].sum()) for b in data.eval_batches(exs, 2, 128, 0)) == 157

@@ -250,17 +250,28 @@ class BatchStream:
     Epoch ``e`` visits the examples in the permutation drawn from ``(seed, e)``; the last
     batch of an epoch is filled up with padding rows (they carry no loss), so every example
     is seen once per epoch. The data position saved in a checkpoint is just ``i``.
+
+    Buckets that fewer than ``min_share`` of the first epoch's batches would use are merged
+    into the next larger one: compiling a shape for a handful of batches costs more than
+    the padding it saves.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int, seed: int):
+    def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int, seed: int,
+                 min_share: float = 0.1):
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         if not examples:
             raise DataError("no training examples")
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
-        self.buckets = bucket_lengths(seq_len)
         self.batches_per_epoch = -(-len(examples) // batch_size)
         self._order: tuple[int, np.ndarray] | None = None
+        self.buckets = common_buckets(self._epoch_lengths(0), bucket_lengths(seq_len), min_share)
+
+    def _epoch_lengths(self, epoch: int) -> list[int]:
+        """The longest example of each batch of ``epoch``."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        lengths = np.asarray([len(e) for e in self.examples])[order]
+        return [int(lengths[k : k + self.batch_size].max()) for k in range(0, len(order), self.batch_size)]
 
     def __getitem__(self, index: int) -> dict:
         epoch, k = divmod(index, self.batches_per_epoch)
@@ -270,12 +281,20 @@ class BatchStream:
         return collate([self.examples[r] for r in rows], self.batch_size, self.buckets, self.pad_id)
 
 
+def common_buckets(batch_lengths: Sequence[int], buckets: Sequence[int], min_share: float) -> tuple[int, ...]:
+    """The buckets that at least ``min_share`` of the batches fit best, plus the largest used."""
+    best = [next(b for b in buckets if b >= n) for n in batch_lengths]
+    used = [b for b in buckets if b in best]
+    keep = [b for b in used if best.count(b) >= min_share * len(best)]
+    return tuple(sorted(set(keep) | {used[-1]}))
+
+
 def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int) -> Iterator[dict]:
-    """The held-out set in fixed order, shortest first (least padding)."""
-    ordered = sorted(examples, key=len)
-    buckets = bucket_lengths(seq_len)
-    for s in range(0, len(ordered), batch_size):
-        yield collate(ordered[s : s + batch_size], batch_size, buckets, pad_id)
+    """The held-out set in fixed order, all padded to one length (one compiled evaluation)."""
+    longest = max(len(e) for e in examples)
+    bucket = (next(b for b in bucket_lengths(seq_len) if b >= longest),)
+    for s in range(0, len(examples), batch_size):
+        yield collate(examples[s : s + batch_size], batch_size, bucket, pad_id)
 
 
 def count_target_tokens(examples: Sequence[Example]) -> int:

@@ -249,7 +249,9 @@ def finetune(
         meta = {"eval_loss_before": evaluate_loss(eval_fn, lora, params, eval_set, batch_size, seq_len, pad_id),
                 "sample_before": None, "train_time_s": 0.0, "timed_tokens": 0, "timed_s": 0.0}
         if sample:
-            meta["sample_before"] = report_lib.sample_answer(base, params, None, tokenizer, sample_ids,
+            # B = 0 at init: the adapted model is the base model, and the program is the one
+            # the sample after training reuses (one compilation instead of two).
+            meta["sample_before"] = report_lib.sample_answer(base, params, lora, tokenizer, sample_ids,
                                                              max_new_tokens=max_new_tokens)
         log(f"eval loss before: {_fmt(meta['eval_loss_before'])}")
     meta["args"] = run_args
