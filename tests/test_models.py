@@ -120,3 +120,30 @@ def test_lora_entry_equals_merged_weight_in_transformers(tiny):
     got = np.asarray(model.apply({"params": params, "lora": unflatten(lora)}, ids))
     np.testing.assert_allclose(got, torch_logits(merged, ids), atol=TOL, rtol=0, err_msg=name)
     assert np.abs(got - torch_logits(reference, ids)).max() > 1e-2  # the adapter did something
+
+
+def test_remat_keeps_lora_gradients():
+    """``remat`` (a jax.checkpoint_policies name) recomputes layers in the backward pass
+    without changing the adapter gradients; the params tree keeps its HF paths."""
+    import jax
+    import jax.numpy as jnp
+
+    from jqlora.lora import LoraSpec
+    from jqlora.models import model_for_config
+
+    config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 2}
+    model = model_for_config(config)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    assert set(params["model"]["layers"]) == {"0", "1"}
+    lora = {"model": {"layers": {"1": {"mlp": {"up_proj": {
+        "a": jnp.full((2, 16), 0.1), "b": jnp.full((32, 2), 0.1), "spec": LoraSpec(0.5)}}}}}}
+    ids = jnp.asarray(random_ids(32, 2, 6))
+
+    def loss(lora, m):
+        return jnp.mean(m.apply({"params": params, "lora": lora}, ids) ** 2)
+
+    plain = jax.grad(loss)(lora, model)
+    remat = jax.grad(loss)(lora, model.clone(remat="nothing_saveable"))
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
