@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from hf_reference import left_padding_mask, make_tiny, random_ids, torch_logits
 
 import jqlora
-from hf_reference import left_padding_mask, make_tiny, random_ids, torch_logits
 from jqlora.hf.names import flatten
 from jqlora.quant import QuantizedTensor
 

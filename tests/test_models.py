@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import transformers as tf
+from hf_reference import left_padding_mask, make_tiny, random_ids, torch_logits
 
 import jqlora
-from hf_reference import left_padding_mask, make_tiny, random_ids, torch_logits
 
 TOL = 1e-4
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, initializer_range=0.1)

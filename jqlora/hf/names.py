@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jqlora.lora.linear import Linear
-from jqlora.quant import QuantizedTensor
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -64,11 +63,3 @@ def expected_params(model: nn.Module) -> ExpectedParams:
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
     flat = flatten(shapes["params"])
     return ExpectedParams({k: tuple(v.shape) for k, v in flat.items()}, frozenset(linear))
-
-
-def param_shape(leaf) -> tuple:
-    return tuple(leaf.shape)
-
-
-def is_quantized(leaf) -> bool:
-    return isinstance(leaf, QuantizedTensor)

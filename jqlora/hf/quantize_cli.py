@@ -22,12 +22,14 @@ from jqlora.quant import QuantizedTensor
 def quantize_checkpoint(
     src,
     out,
-    quantization: QuantConfig = QuantConfig(),
+    quantization: QuantConfig | None = None,
     *,
     max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES,
     progress: bool | None = None,
 ) -> Path:
-    """Write ``src`` (float safetensors) to ``out`` in bitsandbytes 4-bit format; atomic."""
+    """Write ``src`` (float safetensors) to ``out`` in bitsandbytes 4-bit format (default:
+    NF4, blocksize 64, double quant, lm_head kept in float); atomic."""
+    quantization = quantization or QuantConfig()
     from jqlora.hf.bnb_io import bnb_tensors
 
     src, out = Path(src), Path(out)
