@@ -47,6 +47,18 @@ from jqlora.memory import estimate_memory  # noqa: E402
 
 __all__ += ["estimate_memory"]
 
+from jqlora import distributed  # noqa: E402
+from jqlora.sharding import (  # noqa: E402
+    make_mesh,
+    parse_mesh,
+    placer,
+    shard,
+    shard_batch,
+    shard_train_state,
+)
+
+__all__ += ["distributed", "make_mesh", "parse_mesh", "placer", "shard", "shard_batch", "shard_train_state"]
+
 from jqlora.generate import generate, stream_generate  # noqa: E402
 from jqlora.hf.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jqlora.lora.multi import map_rows, stack_adapters  # noqa: E402

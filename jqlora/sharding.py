@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -223,18 +222,25 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _leaf_plan(name: str, x, mesh: Mesh, rules) -> list[tuple[str, ...]]:
+    shape = _logical_shape(x)
+    spec = _match(name, len(shape), rules)
+    groups = [_group(mesh, e) for e in spec] if spec else [()] * len(shape)
+    return _fit_quantized(name, x, groups, mesh) if _is_qt(x) else _fit_plain(shape, groups, mesh)
+
+
+def _leaf_sharding(x, groups, mesh: Mesh):
+    if _is_qt(x):
+        return _quantized_shardings(
+            x, groups[0] if groups else (), groups[-1] if groups else (), mesh
+        )
+    return NamedSharding(mesh, _spec(groups))
+
+
 def plan(params, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, list[tuple[str, ...]]]:
     """``{"/"-joined path: [axes of dim 0, axes of dim 1, ...]}`` for every base leaf."""
-    placed = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qt)[0]:
-        name = _path_str(path)
-        shape = _logical_shape(x)
-        spec = _match(name, len(shape), rules)
-        groups = [_group(mesh, e) for e in spec] if spec else [()] * len(shape)
-        placed[name] = (
-            _fit_quantized(name, x, groups, mesh) if _is_qt(x) else _fit_plain(shape, groups, mesh)
-        )
-    return placed
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qt)[0]
+    return {_path_str(path): _leaf_plan(_path_str(path), x, mesh, rules) for path, x in leaves}
 
 
 def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES):
@@ -244,12 +250,7 @@ def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES):
     placed = plan(params, mesh, rules)
 
     def one(path, x):
-        groups = placed[_path_str(path)]
-        if _is_qt(x):
-            return _quantized_shardings(
-                x, groups[0] if groups else (), groups[-1] if groups else (), mesh
-            )
-        return NamedSharding(mesh, _spec(groups))
+        return _leaf_sharding(x, placed[_path_str(path)], mesh)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_qt)
 
@@ -320,6 +321,28 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
+def placer(mesh: Mesh, rules=DEFAULT_RULES):
+    """``place(name, leaf) -> leaf on its shards`` for one base tensor named by its dotted
+    params path (``model.layers.0.mlp.down_proj.weight``): the hook a loader calls on each
+    tensor as soon as it is read (``load_hf(..., place=placer(mesh))``), so the model is
+    never whole on one device."""
+
+    def place_leaf(name: str, leaf):
+        path = name.replace(".", "/")
+        return place(leaf, _leaf_sharding(leaf, _leaf_plan(path, leaf, mesh, rules), mesh))
+
+    return place_leaf
+
+
+def shard_train_state(state, params, mesh: Mesh, rules=DEFAULT_RULES):
+    """``(state, params)`` on ``mesh`` for a ``TrainState(step, lora, opt_state)``: the
+    adapters and every adapter-shaped part of the optimizer state as ``lora_shardings``,
+    the rest (step counters) replicated, the base by ``param_shardings``."""
+    l_sh = lora_shardings(state.lora, params, mesh, rules)
+    state = place(state, like_tree(state, state.lora, l_sh, mesh))
+    return state, place(params, param_shardings(params, mesh, rules))
+
+
 def shard(params, lora, opt_state=None, mesh: Mesh | None = None, rules=DEFAULT_RULES):
     """``(params, lora, opt_state)`` placed on ``mesh`` (default: all devices, data parallel).
 
@@ -384,45 +407,6 @@ def shard_batch(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
 
     return jax.tree_util.tree_map_with_path(one, batch)
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-):
-    """``jax.distributed.initialize`` with CPU collectives over gloo (used only by CPU
-    devices; GPUs use NCCL, TPUs their interconnect). Call it first, before any other jax
-    call, in every process. On a TPU slice, or under SLURM / Open MPI, the arguments
-    are discovered and may be omitted.
-    """
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
-def save_sharded(path: str, tree) -> None:
-    """Write ``tree`` (sharded arrays, possibly spread over processes) with orbax; every
-    process calls it and writes its own shards."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.abspath(path), tree)
-        ckpt.wait_until_finished()
-
-
-def restore_sharded(path: str, like):
-    """The tree saved at ``path``, each array placed with the sharding of the matching leaf
-    of ``like`` (arrays or ``jax.ShapeDtypeStruct`` with shardings); every process calls it."""
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like
-    )
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(os.path.abspath(path), abstract)
 
 
 # ----------------------------------------------------------------------------- memory

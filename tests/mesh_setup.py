@@ -76,12 +76,13 @@ def load(path) -> dict:
         return pickle.load(f)
 
 
-def train(setup: dict, mesh=None, steps: int = STEPS, batch=None):
-    """``(losses, state)`` after ``steps`` steps; on ``mesh`` when given (via ``jqlora.shard``).
+def train(setup: dict, mesh=None, steps: int = STEPS, batch=None, whole_state: bool = False):
+    """``(losses, state)`` after ``steps`` steps; on ``mesh`` when given (via ``jqlora.shard``,
+    or ``jqlora.shard_train_state`` with ``whole_state``).
 
     ``batch`` overrides the setup's batch (a process's rows in a multi-process run).
     """
-    from jqlora.sharding import shard, shard_batch
+    from jqlora.sharding import shard, shard_batch, shard_train_state
     from jqlora.train.step import init_train_state, make_train_step
 
     opt = optimizer()
@@ -90,6 +91,9 @@ def train(setup: dict, mesh=None, steps: int = STEPS, batch=None):
     params, batch = setup["params"], setup["batch"] if batch is None else batch
     if mesh is None:
         params = jax.tree.map(jnp.asarray, params)
+    elif whole_state:
+        state, params = shard_train_state(state, params, mesh)
+        batch = shard_batch(batch, mesh)
     else:
         params, lora, opt_state = shard(params, state.lora, state.opt_state, mesh)
         state = state._replace(lora=lora, opt_state=opt_state)

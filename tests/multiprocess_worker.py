@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def main(setup_path, workdir, port, num_processes, process_id, devices_per_process, mesh_text):
-    from jqlora.sharding import initialize
+    from jqlora.distributed import initialize
 
     jax.config.update("jax_num_cpu_devices", int(devices_per_process))
     initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id))
@@ -27,13 +27,14 @@ def main(setup_path, workdir, port, num_processes, process_id, devices_per_proce
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from jqlora.sharding import make_mesh, process_rows, restore_sharded, save_sharded
+    from jqlora.distributed import restore_sharded, save_sharded
+    from jqlora.sharding import make_mesh, process_rows
 
     setup = mesh_setup.load(setup_path)
     mesh = make_mesh(mesh_text)
     rows = process_rows(mesh_setup.BATCH, mesh)
     local = {k: v[rows] for k, v in setup["batch"].items()}
-    losses, state, params = mesh_setup.train(setup, mesh, batch=local)
+    losses, state, params = mesh_setup.train(setup, mesh, batch=local, whole_state=True)
 
     ckpt = os.path.join(workdir, "ckpt")
     save_sharded(ckpt, state)

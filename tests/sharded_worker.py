@@ -107,6 +107,33 @@ def shard_map_grads(setup):
     return {"loss_rel": _rel(loss, ref_loss), "grad_rel": mesh_setup.rel_diff(grads, ref_grads)}
 
 
+def load_onto_shards(workdir: str) -> dict:
+    """``load_hf(..., place=placer(mesh))`` on a float checkpoint: each weight arrives split
+    8 ways, with the same bytes as a plain load."""
+    from safetensors.numpy import save_file
+
+    from jqlora import QuantConfig, load_hf
+    from jqlora.hf.names import flatten
+    from jqlora.sharding import placer
+
+    m = mesh_setup.model()
+    params = jax.jit(m.init)(jax.random.PRNGKey(3), jnp.zeros((1, 2), jnp.int32))["params"]
+    save_file(
+        {k: np.asarray(v) for k, v in flatten(params).items()},
+        os.path.join(workdir, "model.safetensors"),
+    )
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(mesh_setup.CONFIG, f)
+    quant = QuantConfig(quant_type="nf4", double_quant=True)
+    _, plain = load_hf(workdir, quant)
+    _, placed = load_hf(workdir, quant, place=placer(make_mesh({"fsdp": 8})))
+    equal = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(placed), strict=True)
+    )
+    return {"equal": equal, "layout": _codes_layout(placed)}
+
+
 def main(setup_path: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     setup = mesh_setup.load(setup_path)
@@ -135,6 +162,7 @@ def main(setup_path: str) -> None:
     clock = time.process_time()
     result["shard_map"] = shard_map_grads(setup)
     result["cpu_s"]["shard_map"] = time.process_time() - clock
+    result["load"] = load_onto_shards(os.path.dirname(setup_path))
     print(json.dumps(result))
 
 

@@ -193,3 +193,11 @@ def test_quantized_base_is_really_sharded(sharded, mesh, shards):
 def test_model_under_shard_map_equals_one_device(sharded):
     assert sharded["shard_map"]["loss_rel"] <= 1e-6
     assert sharded["shard_map"]["grad_rel"] <= 1e-5
+
+
+def test_load_hf_places_each_tensor_on_its_shards(sharded):
+    assert sharded["load"]["equal"]  # same bytes as a plain load
+    layout = sharded["load"]["layout"]
+    assert len(layout) == 7
+    for name, w in layout.items():
+        assert w["distinct"] == 8 and np.prod(w["shard"]) * 8 == np.prod(w["codes"]), (name, w)

@@ -71,6 +71,7 @@ def load_hf(
     compute_dtype=None,
     gguf_file: str | None = None,
     progress: bool | None = None,
+    place=None,
 ):
     """Load a causal LM checkpoint: ``model, params = load_hf(path, quantization, dtype)``.
 
@@ -81,13 +82,17 @@ def load_hf(
       different ``quantization`` for it is an error.
     dtype: the dtype of every float param (embeddings, norms, unquantized weights).
     compute_dtype: the model's activation dtype (default ``dtype``).
+    place: ``place(param name, leaf) -> leaf``, called on each float-checkpoint tensor as
+      soon as it is converted (``jqlora.sharding.placer(mesh)`` puts it straight onto its
+      shards); pre-quantized and GGUF checkpoints are placed after loading.
     """
     path = Path(path)
     compute_dtype = compute_dtype or dtype
     if gguf_file is not None or path.suffix == ".gguf":
         from jqlora.hf.gguf_io import load_gguf
 
-        return load_gguf(path / gguf_file if gguf_file else path, quantization, dtype, compute_dtype, progress)
+        model, params = load_gguf(path / gguf_file if gguf_file else path, quantization, dtype, compute_dtype, progress)
+        return model, place_all(params, place)
     hf_config = read_config(path)
     model = model_for_config(hf_config, compute_dtype, source=str(path / "config.json"))
     stored = hf_config.get("quantization_config")
@@ -99,8 +104,8 @@ def load_hf(
             )
         from jqlora.hf.bnb_io import load_prequantized
 
-        return model, load_prequantized(path, model, dtype, progress)
-    params = load_float_tensors(path, model, quantization, dtype, progress)
+        return model, place_all(load_prequantized(path, model, dtype, progress), place)
+    params = load_float_tensors(path, model, quantization, dtype, progress, place)
     return model, params
 
 
@@ -127,7 +132,15 @@ def checkpoint_plan(path: Path, model):
     return files, wanted, expected, ckpt
 
 
-def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtype, progress=None) -> dict:
+def place_all(params: dict, place) -> dict:
+    """Every leaf through ``place(param name, leaf)`` (see ``load_hf``), one at a time."""
+    if place is None:
+        return params
+    flat = names_lib.flatten(params)
+    return names_lib.unflatten({k: place(k, flat.pop(k)) for k in list(flat)})
+
+
+def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtype, progress=None, place=None) -> dict:
     """The params tree from a float safetensors checkpoint, quantizing linear weights if asked."""
     files, wanted, expected, ckpt = checkpoint_plan(path, model)
     flat = {}
@@ -137,6 +150,8 @@ def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtyp
             flat[pname] = convert_tensor(
                 array, pname, expected, quantization, dtype, transpose=ckpt.is_transposed(pname), source=f"{file}: tensor {name!r}"
             )
+            if place is not None:
+                flat[pname] = place(pname, flat[pname])
             # wait for the (asynchronous) conversion so that at most one float tensor is alive
             jax.block_until_ready(flat[pname])
             del array
