@@ -64,3 +64,7 @@ from jqlora.hf.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jqlora.lora.multi import map_rows, stack_adapters  # noqa: E402
 
 __all__ += ["generate", "load_peft_adapter", "map_rows", "save_peft_adapter", "stack_adapters", "stream_generate"]
+
+from jqlora.train.loop import FinetuneResult, finetune  # noqa: E402
+
+__all__ += ["FinetuneResult", "finetune"]
