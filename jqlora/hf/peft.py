@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
