@@ -15,7 +15,7 @@ from jqlora.train import checkpoint as ckpt
 from jqlora.train import loop
 
 # seq_len 32 holds every example in one bucket: one compiled step per run.
-RUN = dict(batch_size=4, seq_len=32, lr=5e-3, lora_r=4, lora_alpha=8, eval_every=2, save_every=2,
+RUN = dict(batch_size=4, grad_accum=2, seq_len=32, lr=5e-3, lora_r=4, lora_alpha=8, eval_every=2, save_every=2,
            sample=False, progress=False, log=lambda *a: None)
 
 
@@ -133,7 +133,7 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
     out = str(tmp_path / "run")
     shutil.copytree(whole.out, out)
     def argv(r="4", *extra):
-        return ["finetune", "--model", model_dir, "--data", data, "--out", out, "--batch-size", "4",
+        return ["finetune", "--model", model_dir, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "2",
                 "--seq-len", "32", "--lr", "5e-3", "--lora-r", r, "--lora-alpha", "8", "--steps", "5", *extra]
 
     assert main(argv()) == 2

@@ -63,7 +63,9 @@ def save_checkpoint(directory: str, step: int, tree, meta: dict, keep: int = 2) 
         infos.append(dict(info, path=jax.tree_util.keystr(path)))
     final = os.path.join(directory, f"step_{step:08d}")
     tmp = os.path.join(directory, f".tmp-step_{step:08d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in os.listdir(directory):  # half-written saves of a run that was killed
+        if leftover.startswith(".tmp-step_") or ".old-" in leftover:
+            shutil.rmtree(os.path.join(directory, leftover), ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
         np.savez(f, **arrays)

@@ -262,7 +262,7 @@ def finetune(
     with open(metrics_path, "a") as metrics_file:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
-            tokens, compiled = 0, False
+            tokens, compiled, micro_losses = 0, False, []
             for j in range(grad_accum):
                 micro = step * grad_accum + j
                 batch = stream[micro]
@@ -271,7 +271,8 @@ def finetune(
                 shapes_seen.add(shape)
                 tokens += int(batch["attention_mask"].sum())
                 state, m = step_fn(state, params, batch, rng=jax.random.fold_in(rng, micro))
-            loss = float(m["loss"])  # waits for the step
+                micro_losses.append(m["loss"])
+            loss = float(np.mean([float(x) for x in micro_losses]))  # waits for the step
             dt = time.perf_counter() - t0
             meta["train_time_s"] += dt
             if not compiled:  # throughput of steps that did not include compiling a new shape
@@ -288,6 +289,7 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", eval_loss=_fmt(last_eval), tok_s=f"{tokens / dt:.0f}")
             if done % save_every == 0 or done == steps:
+                meta["data_position"] = done * grad_accum  # micro-batches consumed: stream[i] is next
                 ckpt.save_checkpoint(ckpt_dir, done, {"state": state, "rng": rng}, meta)
     bar.close()
 
