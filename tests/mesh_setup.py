@@ -76,16 +76,25 @@ def load(path) -> dict:
         return pickle.load(f)
 
 
-def train(setup: dict, mesh=None, steps: int = STEPS, batch=None, whole_state: bool = False):
+def train(
+    setup: dict,
+    mesh=None,
+    steps: int = STEPS,
+    batch=None,
+    whole_state: bool = False,
+    offload: bool = False,
+):
     """``(losses, state)`` after ``steps`` steps; on ``mesh`` when given (via ``jqlora.shard``,
     or ``jqlora.shard_train_state`` with ``whole_state``).
 
-    ``batch`` overrides the setup's batch (a process's rows in a multi-process run).
+    ``batch`` overrides the setup's batch (a process's rows in a multi-process run);
+    ``offload`` keeps the optimizer state in host memory (``jqlora.offload``).
     """
     from jqlora.sharding import shard, shard_batch, shard_train_state
+    from jqlora.train.offload import offload as offloaded
     from jqlora.train.step import init_train_state, make_train_step
 
-    opt = optimizer()
+    opt = offloaded(optimizer()) if offload else optimizer()
     lora = jax.tree.map(jnp.asarray, setup["lora"])
     state = init_train_state(lora, opt)
     params, batch = setup["params"], setup["batch"] if batch is None else batch

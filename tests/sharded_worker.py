@@ -23,10 +23,11 @@ import mesh_setup  # noqa: E402
 from jqlora.quant import QuantizedTensor  # noqa: E402
 from jqlora.sharding import make_mesh  # noqa: E402
 
-MESHES = {
-    "fsdp=8": {"fsdp": 8},
-    "data=2,fsdp=4": {"data": 2, "fsdp": 4},
-    "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2},
+MESHES = {  # name: (mesh axes, optimizer state offloaded to host memory)
+    "fsdp=8": ({"fsdp": 8}, False),
+    "data=2,fsdp=4": ({"data": 2, "fsdp": 4}, False),
+    "fsdp=4,tensor=2": ({"fsdp": 4, "tensor": 2}, False),
+    "fsdp=8 offload": ({"fsdp": 8}, True),
 }
 
 
@@ -145,9 +146,9 @@ def main(setup_path: str) -> None:
         "meshes": {},
         "cpu_s": {"one device": time.process_time() - clock},
     }
-    for name, axes in MESHES.items():
+    for name, (axes, offload) in MESHES.items():
         clock = time.process_time()
-        losses, state, params = mesh_setup.train(setup, make_mesh(axes))
+        losses, state, params = mesh_setup.train(setup, make_mesh(axes), offload=offload)
         result["cpu_s"][name] = time.process_time() - clock
         result["meshes"][name] = {
             "losses": losses,
@@ -155,6 +156,9 @@ def main(setup_path: str) -> None:
             "lora_rel": mesh_setup.rel_diff(state.lora, ref_state.lora),
             "layout": _codes_layout(params),
             "opt_follows_lora": _opt_follows_lora(state),
+            "opt_memory_kinds": sorted(
+                {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+            ),
             "lora_b_spec": str(
                 state.lora["model"]["layers"]["0"]["self_attn"]["q_proj"]["b"].sharding.spec
             ),
