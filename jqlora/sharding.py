@@ -102,6 +102,17 @@ def parse_mesh(text: str) -> dict[str, int]:
     return axes
 
 
+def mesh_arg(text: str) -> dict[str, int]:
+    """``parse_mesh`` as an ``argparse`` type (``add_argument("--mesh", type=mesh_arg)``),
+    so that a bad value is reported with its reason."""
+    import argparse
+
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def make_mesh(axes: Mapping[str, int] | str | None = None, devices: Sequence | None = None) -> Mesh:
     """A mesh over ``devices`` (default: all devices of all processes).
 

@@ -7,6 +7,7 @@ adapters (float32, <= 1e-5 relative) show the partitioned program computes the s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from jqlora.sharding import (
     like_tree,
     lora_shardings,
     make_mesh,
+    mesh_arg,
     param_shardings,
     parse_mesh,
     per_device,
@@ -54,6 +56,14 @@ def test_parse_mesh():
     ]:
         with pytest.raises(ValueError, match=words):
             parse_mesh(bad)
+
+
+def test_mesh_arg_reports_the_reason():
+    parser = argparse.ArgumentParser(prog="jqlora finetune", exit_on_error=False)
+    parser.add_argument("--mesh", type=mesh_arg)
+    assert parser.parse_args(["--mesh", "data=2,fsdp=4"]).mesh == {"data": 2, "fsdp": 4}
+    with pytest.raises(argparse.ArgumentError, match="given twice"):
+        parser.parse_args(["--mesh", "data=2,data=4"])
 
 
 def test_make_mesh_checks_device_count():
