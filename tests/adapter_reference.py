@@ -52,6 +52,30 @@ VARIANTS = {
 }
 
 
+def llama64_config():
+    """A tiny Llama whose weights all have a last dimension that is a multiple of 64:
+    bitsandbytes' CPU dequantize is wrong for other multiples of 16."""
+    config = tiny_configs()["llama"]
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    return config
+
+
+def bnb_nf4_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+
+
+def exact_nf4(model):
+    """Switches off bitsandbytes' AVX512-BF16 repack on the first CPU forward (not exact NF4)."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
 def peft_config(family: str, variant: str, **overrides):
     """A peft LoraConfig with a non-zero B (``init_lora_weights=False``) and patterns."""
     from peft import LoraConfig

@@ -6,7 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from adapter_reference import VOCAB, load_torch, peft_config, tiny_configs, torch_logits
+from adapter_reference import (
+    VOCAB,
+    bnb_nf4_config,
+    exact_nf4,
+    llama64_config,
+    load_torch,
+    peft_config,
+    tiny_configs,
+    torch_logits,
+)
 from hf_reference import make_tiny
 
 from jqlora.cli import main
@@ -50,30 +59,10 @@ def test_merge_bfloat16_output(tmp_path):
 
 
 def _base64_and_adapter(tmp_path):
-    """A Llama whose weights all have a last dimension that is a multiple of 64
-    (bitsandbytes' CPU dequantize is wrong for other multiples of 16), and a PEFT adapter."""
     from peft import get_peft_model
 
-    config = tiny_configs()["llama"]
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-    make_tiny(config, tmp_path / "base")
+    make_tiny(llama64_config(), tmp_path / "base")
     get_peft_model(load_torch(tmp_path / "base"), peft_config("llama", "plain")).save_pretrained(tmp_path / "adapter")
-
-
-def _bnb_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
-    )
-
-
-def _exact_nf4(model):
-    """Off: bitsandbytes' AVX512-BF16 repack on the first CPU forward (not exact NF4)."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model.eval()
 
 
 def test_merge_quantize_nf4_equals_transformers_quantizing_the_merge(tmp_path):
@@ -83,9 +72,9 @@ def test_merge_quantize_nf4_equals_transformers_quantizing_the_merge(tmp_path):
     common = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
     assert main(common + ["--out", str(tmp_path / "float")]) == 0
     assert main(common + ["--out", str(tmp_path / "nf4"), "--quantize", "nf4"]) == 0
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=_bnb_config(), device_map="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=bnb_nf4_config(), device_map="cpu")
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
-    np.testing.assert_allclose(torch_logits(_exact_nf4(ours), IDS), torch_logits(_exact_nf4(ref), IDS), atol=1e-5)
+    np.testing.assert_allclose(torch_logits(exact_nf4(ours), IDS), torch_logits(exact_nf4(ref), IDS), atol=1e-5)
 
 
 def test_merge_into_4bit_base_uses_the_dequantized_weights(tmp_path):
@@ -95,7 +84,7 @@ def test_merge_into_4bit_base_uses_the_dequantized_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
     _base64_and_adapter(tmp_path)
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=_bnb_config(), device_map="cpu")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_nf4_config(), device_map="cpu")
     q.save_pretrained(tmp_path / "base4")  # before any forward (bitsandbytes repacks on CPU)
     float_base = load_torch(tmp_path / "base")
     with torch.no_grad():

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from adapter_reference import (
+    bnb_nf4_config,
+    exact_nf4,
+    llama64_config,
     PATTERNED,
     VARIANTS,
     VOCAB,
@@ -166,3 +169,20 @@ def test_bfloat16_adapter_loads_as_float32(llama_adapter):
     save_jax({k: v.astype(jnp.bfloat16) for k, v in load_jax(file).items()}, file, metadata={"format": "pt"})
     lora, _ = load_peft_adapter(d, params)
     assert {e["a"].dtype for _, e in adapters(lora)} == {np.dtype(np.float32)}
+
+
+def test_adapter_trained_on_a_4bit_base_loads_onto_jqlora_nf4(tmp_path):
+    """peft on a bitsandbytes NF4 base (QLoRA) -> jqlora with the same NF4 base: same logits."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    make_tiny(llama64_config(), tmp_path / "base")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_nf4_config(), device_map="cpu")
+    q = exact_nf4(prepare_model_for_kbit_training(q, use_gradient_checkpointing=False))
+    peft_model = get_peft_model(q, peft_config("llama", "plain")).eval()
+    expected = torch_logits(peft_model, IDS)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    model, params = jqlora.load_hf(tmp_path / "base", jqlora.QuantConfig("nf4"))
+    lora, _ = load_peft_adapter(tmp_path / "adapter", params)
+    np.testing.assert_allclose(jqlora_logits(model, params, IDS, lora), expected, atol=1e-4, rtol=0)
