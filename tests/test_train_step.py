@@ -1,5 +1,6 @@
 """The QLoRA train step: loss against torch, gradients for the adapters only, learning."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -59,11 +60,18 @@ def test_batch_errors():
         next_token_loss(jnp.zeros((4, 16, 64)), {**batch, "labels": batch["input_ids"]})
 
 
-def _setup(quantized=True, **kw):
+@functools.lru_cache(maxsize=None)
+def _setup_cached(quantized=True, **kw):
     model = TinyLM(**kw)
     params = init_params(model, jax.random.key(0))
     lora = make_lora(jax.random.key(1), params, init_b=0.05)
     return model, (quantize_base(params) if quantized else params), lora
+
+
+def _setup(quantized=True, **kw):
+    """(model, params, lora); the lora tree is a fresh copy, since train steps donate it."""
+    model, params, lora = _setup_cached(quantized, **kw)
+    return model, params, jax.tree.map(jnp.copy, lora)
 
 
 def test_gradients_only_for_lora():
