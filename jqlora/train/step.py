@@ -183,6 +183,8 @@ def configure_model(model, *, compute_dtype=None, remat: str | None = None, scan
         if value is None:
             continue
         if not hasattr(model, name):
+            if not value:  # asking for the default of a model without the option
+                continue
             raise ValueError(f"{type(model).__name__} has no '{name}' field; cannot set {name}={value!r}")
         fields[name] = value
     if remat is not None and remat is not False and not hasattr(jax.checkpoint_policies, str(remat)):
