@@ -94,8 +94,8 @@ def _llama(h, i, layers, heads, kv, vocab):
 @pytest.mark.parametrize(
     "cfg,batch,seq,quant",
     [
-        (_llama(256, 512, 4, 8, 8, 1024), 2, 64, True),
-        (_llama(128, 384, 3, 4, 2, 512), 4, 128, True),
+        (_llama(256, 512, 2, 8, 8, 1024), 2, 128, True),
+        (_llama(128, 384, 2, 4, 2, 512), 4, 128, True),
         (_llama(256, 512, 2, 8, 8, 4096), 2, 64, False),
     ],
 )

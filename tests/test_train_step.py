@@ -130,19 +130,18 @@ def _stack_layers(tree, n):
     return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"] for i in range(n)])}
 
 
-@pytest.mark.parametrize("variant", [{"remat": "nothing_saveable"}, {"scan_layers": True, "remat": "nothing_saveable"}])
-def test_remat_and_scan_compute_the_same_step(variant):
+def test_remat_and_scan_compute_the_same_step():
     model, params, lora = _setup(quantized=False)
     batch = _batch(jax.random.key(2))
     opt = optax.adam(1e-2)
     s_ref, m_ref = make_train_step(model, opt, donate=False)(init_train_state(lora, opt), params, batch)
-    if variant.get("scan_layers"):
-        params, lora = _stack_layers(params, model.layers), _stack_layers(lora, model.layers)
-    s, m = make_train_step(model, opt, **variant, donate=False)(init_train_state(lora, opt), params, batch)
-    np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-6)
-    if variant.get("scan_layers"):
-        s_ref = s_ref._replace(lora=_stack_layers(s_ref.lora, model.layers))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), s.lora, s_ref.lora)
+    stacked = lambda t: _stack_layers(t, model.layers)  # noqa: E731
+    for variant in ({"remat": "nothing_saveable"}, {"scan_layers": True, "remat": "nothing_saveable"}):
+        scan = variant.get("scan_layers", False)
+        p, l, ref = (stacked(params), stacked(lora), stacked(s_ref.lora)) if scan else (params, lora, s_ref.lora)
+        s, m = make_train_step(model, opt, **variant, donate=False)(init_train_state(l, opt), p, batch)
+        np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-6)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), s.lora, ref)
 
 
 def test_remat_saves_activation_memory():
@@ -203,8 +202,7 @@ def test_llama_model_remat_field():
     params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()["params"]
     lora = make_lora(jax.random.key(1), params["model"]["layers"], init_b=0.05)
     lora = {"model": {"layers": lora}}
-    params = {**params, "model": {**params["model"], "layers": quantize_base(params["model"]["layers"])}}
-    opt = make_optimizer(1e-2)
+    opt = optax.sgd(1.0)  # the update is the gradient: compare gradients, not Adam's g / sqrt(v)
     batch = _batch(jax.random.key(2))
     results = [
         make_train_step(model, opt, remat=remat, donate=False)(init_train_state(lora, opt), params, batch)
@@ -213,5 +211,4 @@ def test_llama_model_remat_field():
     (s0, m0), (s1, m1) = results
     np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-5)
-    # Adam divides by sqrt(v): float noise in a tiny gradient moves an update by ~1e-5 * lr.
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=3e-5), s1.lora, s0.lora)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), s1.lora, s0.lora)
