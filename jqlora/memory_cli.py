@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--backend", choices=("kernel", "xla"), default="kernel",
                    help="'kernel': Pallas GPU/TPU kernels; 'xla': the dequantize-then-dot path (CPU)")
+    p.add_argument("--mesh", default=None,
+                   help="per-device figures for a sharded run, e.g. data=2,fsdp=4 (see docs/distributed.md)")
     p.set_defaults(func=run)
 
 
@@ -62,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
             compute_dtype=args.compute_dtype,
             backend=args.backend,
         )
+        if args.mesh:
+            from jqlora.sharding import per_device
+
+            est = per_device(est, args.mesh)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if args.mesh:
+        print(f"Per device of the mesh {args.mesh} (weights split over fsdp x tensor, activations over data x fsdp).")
     print(est.summary())
     print()
     print(est.table())

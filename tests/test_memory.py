@@ -132,6 +132,20 @@ def test_cli(tmp_path, capsys):
     assert "unsupported model_type" in capsys.readouterr().err
 
 
+def test_cli_mesh_gives_per_device_figures(tmp_path, capsys):
+    """--mesh divides the weights by fsdp x tensor and the activations by data x fsdp."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    whole = estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=8), 8, 512, quantization="nf4")
+    assert cli_main(["estimate-memory", "--model", str(tmp_path), "--batch-size", "8", "--mesh", "data=2,fsdp=4"]) == 0
+    out = capsys.readouterr().out
+    assert "Per device of the mesh data=2,fsdp=4" in out
+    base_row = next(line for line in out.splitlines() if line.startswith("base weights "))
+    per_device_base = float(base_row.split()[2])
+    assert per_device_base == pytest.approx(whole.qlora.device["base weights"] / 4 / 1e9, abs=2e-3)
+    assert cli_main(["estimate-memory", "--model", str(tmp_path), "--mesh", "data=2,fsdp=x"]) == 2
+    assert "not an integer" in capsys.readouterr().err
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         estimate_memory(LLAMA2_7B, None, 0, 8)
