@@ -14,7 +14,9 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def bnb_quantize(w: np.ndarray, dtype: str, quant_type: str, blocksize: int, double_quant: bool):
     """``(packed, quant_state)`` from ``bitsandbytes.functional.quantize_4bit``."""
     t = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(TORCH_DTYPES[dtype])
-    return bnbf.quantize_4bit(t, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+    return bnbf.quantize_4bit(
+        t, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+    )
 
 
 def bnb_absmax(state) -> np.ndarray:
@@ -46,11 +48,17 @@ def bnb_dequantize(packed, state, quant_type: str) -> np.ndarray:
     ``book[code] * absmax[i // blocksize]`` in float32, rounded to the original dtype."""
     shape = tuple(state.shape)
     if not avx512_dequantize_bug(shape, state.blocksize):
-        return bnbf.dequantize_4bit(packed, state).float().numpy().reshape(shape)  # 1-D comes back [n, 1]
+        # Odd last dimensions and blocksizes >= 2048 take bitsandbytes' torch.compile'd
+        # fallback, which compiles for every new shape (seconds each); eager runs the
+        # same float32 multiply and rounding.
+        with torch.compiler.set_stance("force_eager"):
+            return (
+                bnbf.dequantize_4bit(packed, state).float().numpy().reshape(shape)
+            )  # 1-D comes back [n, 1]
     n = int(np.prod(shape))
     codes = packed.numpy().reshape(-1)
     codes = np.stack([codes >> 4, codes & 15], -1).reshape(-1)[:n]
-    book = bnbf.get_4bit_type(quant_type).numpy().astype(np.float32)
+    book = bnbf.get_4bit_type(quant_type, device="cpu").numpy().astype(np.float32)
     absmax = np.repeat(bnb_absmax(state), state.blocksize)[:n]
     values = torch.from_numpy((book[codes] * absmax).astype(np.float32))
     return values.to(state.dtype).float().numpy().reshape(shape)

@@ -8,7 +8,7 @@ Math, for a block ``x`` of ``blocksize`` consecutive flat elements::
 
 ``bounds`` are the float32 midpoints of the sorted code book, so a value exactly on a
 midpoint takes the lower code. With double quantization ``absmax`` is stored as 8-bit codes
-of ``absmax - offset`` (``offset = mean(absmax)``) over the signed dynamic map, in blocks of
+of ``absmax - offset`` (``offset = mean(absmax)``, summed as torch sums) over the signed dynamic map, in blocks of
 256, each with an f32 ``nested_absmax``.
 
 Special values follow bitsandbytes' CPU code: an all-zero full block stores absmax 0.0 and
@@ -40,6 +40,7 @@ from jqlora.quant.codebooks import (
     codebook,
 )
 from jqlora.quant.tensor import QuantizedTensor, codes_shape
+from jqlora.quant.torch_mean import torch_mean
 
 FLOAT_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 
@@ -53,13 +54,19 @@ _FLT_MIN = np.finfo(np.float32).tiny
 def check_quantize_args(w, quant_type: str, blocksize: int, name: str = "tensor") -> None:
     """Raise a ValueError naming ``name`` if bitsandbytes could not quantize ``w`` so."""
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"{name}: unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
+        raise ValueError(
+            f"{name}: unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}"
+        )
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"{name}: blocksize {blocksize!r} is not one bitsandbytes allows {BLOCKSIZES}")
+        raise ValueError(
+            f"{name}: blocksize {blocksize!r} is not one bitsandbytes allows {BLOCKSIZES}"
+        )
     dtype = getattr(w, "dtype", None)
     if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES:
         got = "no dtype" if dtype is None else f"dtype {np.dtype(dtype).name}"
-        raise ValueError(f"{name}: cannot quantize an array of {got}; expected float32, float16 or bfloat16")
+        raise ValueError(
+            f"{name}: cannot quantize an array of {got}; expected float32, float16 or bfloat16"
+        )
     if math.prod(w.shape) == 0:
         raise ValueError(f"{name}: cannot quantize an empty array of shape {tuple(w.shape)}")
 
@@ -132,32 +139,6 @@ def unpack(codes: jax.Array, n: int) -> jax.Array:
     return both[:n]
 
 
-def accurate_mean(x: jax.Array) -> jax.Array:
-    """The float32 mean of ``x``, summed pairwise with TwoSum error terms.
-
-    bitsandbytes' offset is ``torch.mean``, whose summation order depends on the CPU's
-    vector width; the compensated sum is (nearly) exactly rounded, so the mean lands on
-    torch's value or one ulp next to it, where a plain float32 sum drifts further.
-
-    XLA rewrites a division by a constant as a multiplication by its rounded reciprocal,
-    which is not the correctly rounded quotient torch computes; ``min(|total|, 0)`` (0, or
-    NaN exactly when the total is) makes the divisor opaque to that rewrite.
-    """
-    n = x.shape[0]
-    size = 1 << max(0, (n - 1).bit_length())
-    s = jnp.pad(x.astype(jnp.float32), (0, size - n))
-    err = jnp.zeros_like(s)
-    while s.shape[0] > 1:
-        h = s.shape[0] // 2
-        a, b = s[:h], s[h:]
-        t = a + b
-        bb = t - a
-        err = err[:h] + err[h:] + ((a - (t - bb)) + (b - bb))
-        s = t
-    total = s[0] + err[0]
-    return total / (np.float32(n) + jnp.minimum(jnp.abs(total), 0.0))
-
-
 def quantize_8bit(x: jax.Array, blocksize: int = NESTED_BLOCKSIZE) -> tuple[jax.Array, jax.Array]:
     """8-bit blockwise quantization over the signed dynamic map: ``(codes uint8, absmax f32)``.
 
@@ -207,14 +188,18 @@ def decode_absmax(qt: QuantizedTensor) -> jax.Array:
     return scaled + qt.offset
 
 
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "double_quant"))
-def _quantize(w: jax.Array, quant_type: str, blocksize: int, double_quant: bool):
+@functools.partial(
+    jax.jit, static_argnames=("quant_type", "blocksize", "double_quant", "offset_threads")
+)
+def _quantize(
+    w: jax.Array, quant_type: str, blocksize: int, double_quant: bool, offset_threads: int
+):
     flat = w.reshape(-1).astype(jnp.float32)
     packed, absmax = _quantize_4bit(flat, quant_type, blocksize)
     packed = packed.reshape(codes_shape(w.shape))
     if not double_quant:
         return packed, absmax, None, None
-    offset = accurate_mean(absmax)
+    offset = torch_mean(absmax, offset_threads)
     qabsmax, nested = double_quantize(absmax, offset)
     return packed, qabsmax, nested, offset
 
@@ -225,17 +210,26 @@ def quantize(
     blocksize: int = 64,
     double_quant: bool = True,
     *,
+    offset_threads: int = 1,
     name: str = "tensor",
 ) -> QuantizedTensor:
     """Quantize ``w`` (float32/float16/bfloat16, any shape) to 4 bits, as bitsandbytes does.
 
     Equals ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
-    double_quant, quant_type=quant_type)`` byte for byte, except that the double-quant offset
-    (``mean(absmax)``) may be one float32 ulp from torch's (see `accurate_mean`). Jit-able;
-    ``name`` only labels error messages.
+    double_quant, quant_type=quant_type)`` on the CPU byte for byte, the double-quant offset
+    ``mean(absmax)`` included: it is summed in the order of torch's CPU kernel (see
+    `jqlora.quant.torch_mean`). That order depends on torch's thread count once there are
+    at least 32768 blocks (2M weights at blocksize 64); ``offset_threads`` is that count
+    (``torch.get_num_threads()`` of the run to reproduce). Another count, or a
+    bitsandbytes run on a GPU, gives an offset a few float32 ulps away. Jit-able; ``name``
+    only labels error messages.
     """
     check_quantize_args(w, quant_type, blocksize, name)
-    packed, absmax, nested, offset = _quantize(jnp.asarray(w), quant_type, blocksize, double_quant)
+    if not (isinstance(offset_threads, int) and offset_threads >= 1):
+        raise ValueError(f"{name}: offset_threads must be a positive int, got {offset_threads!r}")
+    packed, absmax, nested, offset = _quantize(
+        jnp.asarray(w), quant_type, blocksize, double_quant, offset_threads
+    )
     return QuantizedTensor(
         codes=packed,
         absmax=absmax,
@@ -254,7 +248,11 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
     ``w_i = book[code_i] * absmax[i // blocksize]`` in float32, then rounded to ``dtype``
     (to nearest even), as bitsandbytes' ``dequantize_4bit``.
     """
-    dtype = qt.dtype if dtype is None else dtype
+    return _dequantize(qt, jnp.dtype(qt.dtype if dtype is None else dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(qt: QuantizedTensor, dtype) -> jax.Array:
     n = qt.size
     absmax = decode_absmax(qt).reshape(-1)
     n_blocks = absmax.shape[0]

@@ -23,7 +23,13 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.quant.codebooks import BLOCKSIZES, DYNAMIC_SIGNED, NESTED_BLOCKSIZE, QUANT_TYPES, codebook
+from jqlora.quant.codebooks import (
+    BLOCKSIZES,
+    DYNAMIC_SIGNED,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    codebook,
+)
 from jqlora.quant.tensor import QuantizedTensor, codes_shape
 
 _DTYPE_NAMES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -53,7 +59,9 @@ def to_bnb(qt: QuantizedTensor, prefix: str = "weight") -> dict[str, np.ndarray]
             nested_dtype="float32",
             nested_offset=float(np.float32(np.asarray(qt.offset))),
         )
-    out[_state_key(prefix, qt.quant_type)] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8).copy()
+    out[_state_key(prefix, qt.quant_type)] = np.frombuffer(
+        json.dumps(meta).encode("utf-8"), np.uint8
+    ).copy()
     return out
 
 
@@ -73,7 +81,9 @@ def _read_meta(state_dict, prefix: str) -> tuple[str, dict]:
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{prefix}: {key} does not hold UTF-8 JSON: {err}") from None
     if meta.get("quant_type") != quant_type:
-        raise ValueError(f"{prefix}: {key} says quant_type {meta.get('quant_type')!r}, its key says {quant_type!r}")
+        raise ValueError(
+            f"{prefix}: {key} says quant_type {meta.get('quant_type')!r}, its key says {quant_type!r}"
+        )
     for field in ("blocksize", "dtype", "shape"):
         if field not in meta:
             raise ValueError(f"{prefix}: {key} lacks {field!r}")
@@ -103,7 +113,11 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
     quant_type, meta = _read_meta(state_dict, prefix)
     shape = tuple(int(d) for d in meta["shape"])
     blocksize = int(meta["blocksize"])
-    _expect(blocksize in BLOCKSIZES, prefix, f"blocksize {blocksize} is not one bitsandbytes allows {BLOCKSIZES}")
+    _expect(
+        blocksize in BLOCKSIZES,
+        prefix,
+        f"blocksize {blocksize} is not one bitsandbytes allows {BLOCKSIZES}",
+    )
     _expect(meta["dtype"] in _DTYPE_NAMES, prefix, f"unsupported dtype {meta['dtype']!r}")
     n = math.prod(shape)
     n_blocks = -(-n // blocksize)
@@ -111,9 +125,17 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
     codes = _array(state_dict, prefix, prefix)
     if codes.dtype != np.uint8:  # a quant_storage other than uint8 holds the same bytes
         codes = np.ascontiguousarray(codes).view(np.uint8)
-    _expect(codes.size == (n + 1) // 2, prefix, f"{codes.size} code bytes, but shape {list(shape)} needs {(n + 1) // 2}")
+    _expect(
+        codes.size == (n + 1) // 2,
+        prefix,
+        f"{codes.size} code bytes, but shape {list(shape)} needs {(n + 1) // 2}",
+    )
     absmax = _array(state_dict, f"{prefix}.absmax", prefix).reshape(-1)
-    _expect(absmax.size == n_blocks, prefix, f"absmax has {absmax.size} entries, shape and blocksize need {n_blocks}")
+    _expect(
+        absmax.size == n_blocks,
+        prefix,
+        f"absmax has {absmax.size} entries, shape and blocksize need {n_blocks}",
+    )
     quant_map = _array(state_dict, f"{prefix}.quant_map", prefix)
     _expect(
         np.array_equal(quant_map.astype(np.float32).reshape(-1), codebook(quant_type)),
@@ -123,10 +145,20 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
 
     nested = offset = None
     if "nested_offset" in meta or f"{prefix}.nested_absmax" in state_dict:
-        _expect("nested_offset" in meta, prefix, "nested_absmax is present but the quant state has no nested_offset")
-        nested = _array(state_dict, f"{prefix}.nested_absmax", prefix).reshape(-1).astype(np.float32)
+        _expect(
+            "nested_offset" in meta,
+            prefix,
+            "nested_absmax is present but the quant state has no nested_offset",
+        )
+        nested = (
+            _array(state_dict, f"{prefix}.nested_absmax", prefix).reshape(-1).astype(np.float32)
+        )
         n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
-        _expect(nested.size == n_nested, prefix, f"nested_absmax has {nested.size} entries, {n_nested} expected")
+        _expect(
+            nested.size == n_nested,
+            prefix,
+            f"nested_absmax has {nested.size} entries, {n_nested} expected",
+        )
         _expect(
             int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)) == NESTED_BLOCKSIZE,
             prefix,
@@ -138,7 +170,11 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
             prefix,
             "nested_quant_map is not the signed dynamic map",
         )
-        _expect(absmax.dtype == np.uint8, prefix, f"double-quantized absmax must be uint8, got {absmax.dtype}")
+        _expect(
+            absmax.dtype == np.uint8,
+            prefix,
+            f"double-quantized absmax must be uint8, got {absmax.dtype}",
+        )
         offset = jnp.asarray(np.float32(meta["nested_offset"]))
         nested = jnp.asarray(nested)
     else:

@@ -78,7 +78,9 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes actually stored by the arrays (codes, scales and their constants)."""
         arrays = (self.codes, self.absmax, self.nested_absmax, self.offset)
-        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
+        return sum(
+            int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays if a is not None
+        )
 
     @property
     def bits_per_param(self) -> float:
