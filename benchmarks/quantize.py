@@ -36,24 +36,39 @@ def main() -> None:
 
     import jqlora
 
-    w = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).to(
+        torch.bfloat16
+    )
     w_jax = jax.numpy.asarray(w.float().numpy()).astype(jax.numpy.bfloat16)
     n = w.numel()
 
-    quantize = jax.jit(lambda x: jqlora.quantize(x, "nf4", 64, True))
+    # The offset's float32 summation order follows torch's thread count above 32768 blocks.
+    threads = torch.get_num_threads()
+    quantize = jax.jit(lambda x: jqlora.quantize(x, "nf4", 64, True, offset_threads=threads))
     qt = jax.block_until_ready(quantize(w_jax))  # compile
     t_jq = best_of(lambda: jax.block_until_ready(quantize(w_jax)), args.repeats)
 
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     t_bnb = best_of(
-        lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True), args.repeats
+        lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+        args.repeats,
     )
 
     same_codes = np.array_equal(np.asarray(qt.codes).reshape(-1), packed.numpy().reshape(-1))
-    print(f"matrix {args.rows}x{args.cols} bf16, nf4, blocksize 64, double quant; best of {args.repeats}")
+    same_stats = (
+        np.array_equal(np.asarray(qt.absmax), state.absmax.numpy())
+        and np.array_equal(np.asarray(qt.nested_absmax), state.state2.absmax.numpy())
+        and np.float32(qt.offset) == state.offset.numpy()
+    )
+    print(
+        f"matrix {args.rows}x{args.cols} bf16, nf4, blocksize 64, double quant; best of {args.repeats}"
+    )
     print(f"jqlora       {t_jq:7.3f} s  {n / t_jq / 1e6:8.1f} M params/s")
     print(f"bitsandbytes {t_bnb:7.3f} s  {n / t_bnb / 1e6:8.1f} M params/s")
-    print(f"ratio (jqlora / bitsandbytes throughput): {t_bnb / t_jq:.2f}x; identical codes: {same_codes}")
+    print(f"ratio (jqlora / bitsandbytes throughput): {t_bnb / t_jq:.2f}x")
+    print(
+        f"identical codes: {same_codes}; identical absmax codes, nested absmax and offset: {same_stats}"
+    )
 
 
 if __name__ == "__main__":

@@ -193,9 +193,9 @@ def test_quantize_is_jittable_and_equals_eager():
 
 
 def test_bits_per_param():
-    w = jnp.asarray(np.random.default_rng(5).standard_normal((1024, 4096)), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(5).standard_normal((256, 4096)), jnp.bfloat16)
     dq = jqlora.quantize(w, "nf4", 64, double_quant=True)
-    # 4 + 8/64 + 32/(64*256) bits, plus the 32-bit offset over 4M params.
+    # 4 + 8/64 + 32/(64*256) bits, plus the 32-bit offset over 1M params.
     assert round(dq.bits_per_param, 3) == 4.127
     assert dq.nbytes == w.size // 2 + w.size // 64 + 4 * (w.size // 64 // 256) + 4
     assert jqlora.quantize(w, "nf4", 64, double_quant=False).bits_per_param == 4.5
