@@ -208,6 +208,7 @@ def test_bits_per_param():
         (np.ones((4, 4), np.float64), {}, "dtype float64"),
         (np.ones((4, 4), np.float32), {"blocksize": 48}, "blocksize 48"),
         (np.ones((4, 4), np.float32), {"quant_type": "int4"}, "quant_type"),
+        (np.ones((4, 4), np.float32), {"offset_threads": 0}, "offset_threads"),
         (np.ones((0, 4), np.float32), {}, "empty"),
     ],
 )
