@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 
@@ -34,7 +35,7 @@ def jqlora_runner(path, quantization, batch_ids, new_tokens):
     def run(n):
         generate(model, params, batch_ids, max_new_tokens=n)
 
-    run(1), run(new_tokens)  # compile both shape buckets before timing
+    run(1), run(new_tokens)  # compile the shape buckets before timing (one when they coincide)
     return run
 
 
@@ -75,9 +76,13 @@ def torch_models(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
+    # 32 new tokens after this prompt (< 32 tokens) keep t(1) and t(N) in one shape bucket.
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    # On a machine shared with other jobs torch's spinning OpenMP threads can stall badly;
+    # --torch-threads 1 is the fair setting there.
+    parser.add_argument("--torch-threads", type=int, default=None)
     args = parser.parse_args()
 
     import torch
@@ -86,19 +91,25 @@ def main():
     from jqlora.hf import QuantConfig
     from jqlora.hf.smollm2 import smollm2_gguf_path
 
-    torch.set_num_threads(torch.get_num_threads())
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     path = smollm2_gguf_path()
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ids = np.asarray(tokenizer(PROMPT)["input_ids"], np.int32)
     batch_ids = np.tile(ids, (args.batch, 1))
     float_model, exact, repacked = torch_models(path)
-    runners = {
-        "jqlora, NF4-DQ base, f32 compute": jqlora_runner(path, QuantConfig(), batch_ids, args.new_tokens),
-        "jqlora, float32": jqlora_runner(path, None, batch_ids, args.new_tokens),
-        "transformers, float32": torch_runner(float_model, batch_ids),
-        "transformers + bnb NF4-DQ, f32 compute (exact NF4)": torch_runner(exact, batch_ids),
-        "transformers + bnb NF4-DQ, default CPU path (bf16 repack)": torch_runner(repacked, batch_ids),
+    makers = {
+        "jqlora, NF4-DQ base, f32 compute": lambda: jqlora_runner(path, QuantConfig(), batch_ids, args.new_tokens),
+        "jqlora, float32": lambda: jqlora_runner(path, None, batch_ids, args.new_tokens),
+        "transformers, float32": lambda: torch_runner(float_model, batch_ids),
+        "transformers + bnb NF4-DQ, f32 compute (exact NF4)": lambda: torch_runner(exact, batch_ids),
+        "transformers + bnb NF4-DQ, default CPU path (bf16 repack)": lambda: torch_runner(repacked, batch_ids),
     }
+    runners = {}
+    for name, make in makers.items():
+        t = time.perf_counter()
+        runners[name] = make()
+        print(f"ready in {time.perf_counter() - t:.0f} s (load + compile + warm-up): {name}", file=sys.stderr, flush=True)
     rates = {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, run in runners.items():
@@ -108,6 +119,7 @@ def main():
             run(args.new_tokens)
             t2 = time.perf_counter()
             rates[name].append(args.batch * (args.new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+            print(f"{name}: {rates[name][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
     print(f"prompt {len(ids)} tokens, batch {args.batch}, {args.new_tokens} new tokens, median of {args.repeats}")
     print("| run | decode tokens/s |")
     print("|---|---|")
