@@ -57,20 +57,29 @@ def torch_models(path):
     import torch
     import transformers as tf
 
-    float_model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    float_model = tf.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     tmp = tempfile.mkdtemp()
     float_model.hf_quantizer = None
     if hasattr(float_model.config, "quantization_config"):
         del float_model.config.quantization_config
     float_model.save_pretrained(tmp)
     bnb = tf.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
-    exact = tf.AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, device_map="cpu").eval()
+    exact = tf.AutoModelForCausalLM.from_pretrained(
+        tmp, quantization_config=bnb, device_map="cpu"
+    ).eval()
     for m in exact.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-    repacked = tf.AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, device_map="cpu").eval()
+    repacked = tf.AutoModelForCausalLM.from_pretrained(
+        tmp, quantization_config=bnb, device_map="cpu"
+    ).eval()
     return float_model, exact, repacked
 
 
@@ -99,17 +108,27 @@ def main():
     batch_ids = np.tile(ids, (args.batch, 1))
     float_model, exact, repacked = torch_models(path)
     makers = {
-        "jqlora, NF4-DQ base, f32 compute": lambda: jqlora_runner(path, QuantConfig(), batch_ids, args.new_tokens),
+        "jqlora, NF4-DQ base, f32 compute": lambda: jqlora_runner(
+            path, QuantConfig(), batch_ids, args.new_tokens
+        ),
         "jqlora, float32": lambda: jqlora_runner(path, None, batch_ids, args.new_tokens),
         "transformers, float32": lambda: torch_runner(float_model, batch_ids),
-        "transformers + bnb NF4-DQ, f32 compute (exact NF4)": lambda: torch_runner(exact, batch_ids),
-        "transformers + bnb NF4-DQ, default CPU path (bf16 repack)": lambda: torch_runner(repacked, batch_ids),
+        "transformers + bnb NF4-DQ, f32 compute (exact NF4)": lambda: torch_runner(
+            exact, batch_ids
+        ),
+        "transformers + bnb NF4-DQ, default CPU path (bf16 repack)": lambda: torch_runner(
+            repacked, batch_ids
+        ),
     }
     runners = {}
     for name, make in makers.items():
         t = time.perf_counter()
         runners[name] = make()
-        print(f"ready in {time.perf_counter() - t:.0f} s (load + compile + warm-up): {name}", file=sys.stderr, flush=True)
+        print(
+            f"ready in {time.perf_counter() - t:.0f} s (load + compile + warm-up): {name}",
+            file=sys.stderr,
+            flush=True,
+        )
     rates = {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, run in runners.items():
@@ -120,7 +139,9 @@ def main():
             t2 = time.perf_counter()
             rates[name].append(args.batch * (args.new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
             print(f"{name}: {rates[name][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
-    print(f"prompt {len(ids)} tokens, batch {args.batch}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(
+        f"prompt {len(ids)} tokens, batch {args.batch}, {args.new_tokens} new tokens, median of {args.repeats}"
+    )
     print("| run | decode tokens/s |")
     print("|---|---|")
     for name, r in rates.items():

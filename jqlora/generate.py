@@ -42,8 +42,14 @@ class SamplingConfig(NamedTuple):
     top_p: jax.Array
 
     @classmethod
-    def of(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> SamplingConfig:
-        return cls(jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
+    def of(
+        cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+    ) -> SamplingConfig:
+        return cls(
+            jnp.float32(temperature),
+            jnp.int32(top_k or 0),
+            jnp.float32(1.0 if top_p is None else top_p),
+        )
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -77,7 +83,9 @@ def sample_logits(logits: jax.Array, sampling: SamplingConfig, key: jax.Array) -
     else a draw from ``softmax(filter_logits(logits))``."""
     return jax.lax.cond(
         sampling.temperature > 0,
-        lambda: jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32),
+        lambda: jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(
+            jnp.int32
+        ),
         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
     )
 
@@ -86,7 +94,9 @@ def _forward(model, params, lora, adapter_ids, ids, mask, positions, cache):
     """``(logits, cache)`` of the model on ``ids``; rows pick their adapter when ``adapter_ids`` is set."""
 
     def run(lora_tree, ids, mask, positions, cache):
-        variables = {"params": params} if lora_tree is None else {"params": params, "lora": lora_tree}
+        variables = (
+            {"params": params} if lora_tree is None else {"params": params, "lora": lora_tree}
+        )
         return model.apply(variables, ids, attention_mask=mask, positions=positions, cache=cache)
 
     if adapter_ids is None:
@@ -121,7 +131,9 @@ def _prefill(model, params, lora, adapter_ids, input_ids, mask, max_len, key):
     )
 
 
-def _decode_step(model, params, lora, adapter_ids, state: _State, sampling, eos_ids, pad_id) -> _State:
+def _decode_step(
+    model, params, lora, adapter_ids, state: _State, sampling, eos_ids, pad_id
+) -> _State:
     """Chooses and records one token per row, then runs the model on it."""
     key, sub = jax.random.split(state.key)
     token = sample_logits(state.logits, sampling, sub)
@@ -132,11 +144,33 @@ def _decode_step(model, params, lora, adapter_ids, state: _State, sampling, eos_
     logits, cache = _forward(
         model, params, lora, adapter_ids, token[:, None], ones, state.position[:, None], state.cache
     )
-    return _State(state.step + 1, logits[:, -1].astype(jnp.float32), cache, state.position + 1, tokens, done, key)
+    return _State(
+        state.step + 1,
+        logits[:, -1].astype(jnp.float32),
+        cache,
+        state.position + 1,
+        tokens,
+        done,
+        key,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len"))
-def _generate_jit(model, params, lora, adapter_ids, input_ids, mask, max_new, key, eos_ids, pad_id, sampling, *, max_len):
+def _generate_jit(
+    model,
+    params,
+    lora,
+    adapter_ids,
+    input_ids,
+    mask,
+    max_new,
+    key,
+    eos_ids,
+    pad_id,
+    sampling,
+    *,
+    max_len,
+):
     state = _prefill(model, params, lora, adapter_ids, input_ids, mask, max_len, key)
 
     def cond(s: _State):
@@ -153,25 +187,55 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_len"))
 _decode_step_jit = jax.jit(_decode_step, static_argnames=("model",))
 
 
-def _prepare(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, key, temperature, top_k, top_p):
+def _prepare(
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    eos_token_id,
+    pad_token_id,
+    key,
+    temperature,
+    top_k,
+    top_p,
+):
     """Checks the arguments and left-pads the prompt to its shape bucket."""
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"generate: input_ids must be integer [batch, seq] with seq >= 1, got {ids.dtype} {ids.shape}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+        raise ValueError(
+            f"generate: input_ids must be integer [batch, seq] with seq >= 1, got {ids.dtype} {ids.shape}"
+        )
+    mask = (
+        np.ones_like(ids)
+        if attention_mask is None
+        else np.asarray(attention_mask).reshape(ids.shape)
+    )
     if np.any(mask.sum(axis=-1) == 0):
         raise ValueError("generate: a row of attention_mask has no real token")
     if np.any(np.diff(mask.astype(np.int32), axis=-1) < 0):
-        raise ValueError("generate: attention_mask must be left padding (0s before the 1s of each row)")
+        raise ValueError(
+            "generate: attention_mask must be left padding (0s before the 1s of each row)"
+        )
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"generate: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if (
+        temperature < 0
+        or (top_k is not None and top_k < 1)
+        or (top_p is not None and not 0 < top_p <= 1)
+    ):
+        raise ValueError(
+            f"generate: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
     if temperature > 0 and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a PRNG key")
-    eos = [] if eos_token_id is None else [eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id)
+    eos = (
+        []
+        if eos_token_id is None
+        else [eos_token_id]
+        if np.isscalar(eos_token_id)
+        else list(eos_token_id)
+    )
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     width = bucket(ids.shape[1])
     pad_cols = width - ids.shape[1]
@@ -181,7 +245,15 @@ def _prepare(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_
     eos_arr = jnp.asarray(eos or [-1], jnp.int32)
     key = jax.random.PRNGKey(0) if key is None else key
     sampling = SamplingConfig.of(temperature, top_k, top_p)
-    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), max_len, eos_arr, jnp.int32(pad), key, sampling
+    return (
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32),
+        max_len,
+        eos_arr,
+        jnp.int32(pad),
+        key,
+        sampling,
+    )
 
 
 def generate(
@@ -213,7 +285,15 @@ def generate(
     prompt = np.asarray(input_ids)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     ids, mask, max_len, eos, pad, key, sampling = _prepare(
-        prompt, attention_mask, max_new_tokens, eos_token_id, pad_token_id, key, temperature, top_k, top_p
+        prompt,
+        attention_mask,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        key,
+        temperature,
+        top_k,
+        top_p,
     )
     ids_adapter = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
     tokens, n = _generate_jit(

@@ -29,7 +29,9 @@ def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
     if model_path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(model_path) or ".", gguf_file=os.path.basename(model_path))
+        return AutoTokenizer.from_pretrained(
+            os.path.dirname(model_path) or ".", gguf_file=os.path.basename(model_path)
+        )
     return AutoTokenizer.from_pretrained(model_path)
 
 
@@ -94,7 +96,13 @@ def stream_reply(model, params, lora, tokenizer, ids, eos, args, out=None) -> st
     out = out or sys.stdout
     tokens, shown = [], ""
     for token in stream_generate(
-        model, params, ids, lora=lora, max_new_tokens=args.max_new_tokens, eos_token_id=eos or None, **_sampling(args)
+        model,
+        params,
+        ids,
+        lora=lora,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=eos or None,
+        **_sampling(args),
     ):
         tokens.append(token)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -117,7 +125,9 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 def run_chat(args: argparse.Namespace) -> int:
     model, params, lora, tokenizer = load_for_inference(args)
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"--model {args.model}: the tokenizer has no chat template; use `jqlora generate`")
+        raise InputError(
+            f"--model {args.model}: the tokenizer has no chat template; use `jqlora generate`"
+        )
     eos = eos_ids(args.model, tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -130,15 +140,21 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        reply = stream_reply(model, params, lora, tokenizer, chat_ids(tokenizer, messages), eos, args)
+        reply = stream_reply(
+            model, params, lora, tokenizer, chat_ids(tokenizer, messages), eos, args
+        )
         messages.append({"role": "assistant", "content": reply})
 
 
 def _common(p: argparse.ArgumentParser, default_new_tokens: int) -> None:
-    p.add_argument("--model", required=True, help="a Hugging Face checkpoint directory or a .gguf file")
+    p.add_argument(
+        "--model", required=True, help="a Hugging Face checkpoint directory or a .gguf file"
+    )
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply")
     p.add_argument("--quantize", choices=("nf4", "fp4"), help="load the linear weights in 4 bits")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute and weight dtype")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="compute and weight dtype"
+    )
     p.add_argument("--max-new-tokens", type=int, default=default_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -153,7 +169,9 @@ def register(subparsers) -> None:
         description="Continue one or more prompts (batched, left-padded) with a KV-cached, jitted decode loop.",
     )
     _common(g, 128)
-    g.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    g.add_argument(
+        "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
+    )
     g.set_defaults(func=run_generate)
 
     c = subparsers.add_parser(

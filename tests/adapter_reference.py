@@ -64,7 +64,10 @@ def bnb_nf4_config():
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
 
 
@@ -99,7 +102,9 @@ def torch_logits(model, ids, mask=None) -> np.ndarray:
     with torch.no_grad():
         out = model(
             input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long),
-            attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.long),
+            attention_mask=None
+            if mask is None
+            else torch.as_tensor(np.asarray(mask), dtype=torch.long),
         )
     return out.logits.float().numpy()
 
@@ -112,4 +117,6 @@ def _apply(model, variables, ids, mask):
 def jqlora_logits(model, params, ids, lora=None, mask=None) -> np.ndarray:
     """The model's logits, jitted (op-by-op dispatch of a whole model is slow)."""
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    return np.asarray(_apply(model, variables, np.asarray(ids), None if mask is None else np.asarray(mask)))
+    return np.asarray(
+        _apply(model, variables, np.asarray(ids), None if mask is None else np.asarray(mask))
+    )

@@ -52,7 +52,15 @@ def test_greedy_equals_transformers(bases, family):
     _, model, params, torch_model = bases(family)
     ids = np.where(MASK == 1, PROMPTS, PAD)
     expected = hf_generate(torch_model, ids, MASK, 12)
-    got = generate(model, params, ids, attention_mask=MASK, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)
+    got = generate(
+        model,
+        params,
+        ids,
+        attention_mask=MASK,
+        max_new_tokens=12,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     np.testing.assert_array_equal(got, expected)
 
 
@@ -66,7 +74,15 @@ def test_eos_stops_rows_and_pads_like_transformers(bases):
             torch.as_tensor(ids), attention_mask=torch.as_tensor(MASK), max_new_tokens=10, do_sample=False,
             eos_token_id=eos, pad_token_id=PAD,
         ).numpy()  # fmt: skip
-    got = generate(model, params, ids, attention_mask=MASK, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD)
+    got = generate(
+        model,
+        params,
+        ids,
+        attention_mask=MASK,
+        max_new_tokens=10,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+    )
     np.testing.assert_array_equal(got, expected)
     assert (got[1, 12:] == PAD).all()
 
@@ -80,7 +96,16 @@ def test_greedy_with_adapter_equals_peft(bases, tmp_path):
     lora, _ = load_peft_adapter(tmp_path, params)
     ids = np.where(MASK == 1, PROMPTS, PAD)
     expected = hf_generate(peft_model, ids, MASK, 8)
-    got = generate(model, params, ids, lora=lora, attention_mask=MASK, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    got = generate(
+        model,
+        params,
+        ids,
+        lora=lora,
+        attention_mask=MASK,
+        max_new_tokens=8,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     np.testing.assert_array_equal(got, expected)
 
 
@@ -90,7 +115,11 @@ def test_one_compile_per_shape_bucket(bases):
     before = _generate_jit._cache_size()
     key = jax.random.PRNGKey(0)
     # Same bucket (prompt <= 16, prompt + new <= 32); sampling settings are traced values.
-    for length, n, sampling in ((3, 4, {}), (7, 6, dict(temperature=0.5, top_k=3)), (9, 2, dict(temperature=1.0, top_p=0.9))):
+    for length, n, sampling in (
+        (3, 4, {}),
+        (7, 6, dict(temperature=0.5, top_k=3)),
+        (9, 2, dict(temperature=1.0, top_p=0.9)),
+    ):
         generate(model, params, PROMPTS[:, :length], max_new_tokens=n, key=key, **sampling)
     assert _generate_jit._cache_size() == before
 
@@ -98,7 +127,9 @@ def test_one_compile_per_shape_bucket(bases):
 def test_stream_generate_yields_generate_tokens(bases):
     _, model, params, _ = bases("llama")
     full = generate(model, params, PROMPTS[2], max_new_tokens=7)
-    assert list(stream_generate(model, params, PROMPTS[2], max_new_tokens=7)) == full[0, 9:].tolist()
+    assert (
+        list(stream_generate(model, params, PROMPTS[2], max_new_tokens=7)) == full[0, 9:].tolist()
+    )
 
 
 def test_sampling_filters_equal_transformers_warpers():
@@ -109,14 +140,21 @@ def test_sampling_filters_equal_transformers_warpers():
     )
 
     logits = np.random.default_rng(3).normal(size=(4, 50)).astype(np.float32) * 3
-    for temperature, top_k, top_p in ((0.7, 5, None), (1.3, None, 0.6), (1.0, 20, 0.3), (0.9, None, None)):
+    for temperature, top_k, top_p in (
+        (0.7, 5, None),
+        (1.3, None, 0.6),
+        (1.0, 20, 0.3),
+        (0.9, None, None),
+    ):
         t = TemperatureLogitsWarper(temperature)(None, torch.as_tensor(logits))
         if top_k:
             t = TopKLogitsWarper(top_k)(None, t)
         if top_p:
             t = TopPLogitsWarper(top_p)(None, t)
         # The distribution jqlora samples from is the one transformers samples from.
-        ours = jax.nn.softmax(filter_logits(jnp.asarray(logits), SamplingConfig.of(temperature, top_k, top_p)))
+        ours = jax.nn.softmax(
+            filter_logits(jnp.asarray(logits), SamplingConfig.of(temperature, top_k, top_p))
+        )
         np.testing.assert_allclose(np.asarray(ours), torch.softmax(t, -1).numpy(), atol=1e-6)
 
 
@@ -125,30 +163,56 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(bases):
     greedy = generate(model, params, PROMPTS, max_new_tokens=6)
     kw = dict(max_new_tokens=6, temperature=0.8, key=jax.random.PRNGKey(7))
     np.testing.assert_array_equal(generate(model, params, PROMPTS, top_k=1, **kw), greedy)
-    np.testing.assert_array_equal(generate(model, params, PROMPTS, **kw), generate(model, params, PROMPTS, **kw))
+    np.testing.assert_array_equal(
+        generate(model, params, PROMPTS, **kw), generate(model, params, PROMPTS, **kw)
+    )
 
 
 def _random_lora(params, r, seed, targets):
     config = jqlora.LoraConfig(r=r, alpha=2 * r, target_modules=targets)
     lora = jqlora.init_lora(jax.random.PRNGKey(seed), params, config)
-    return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), lora)
+    return jax.tree.map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), lora
+    )
 
 
 def test_stacked_adapters_equal_each_adapter_alone(bases):
     _, model, params, _ = bases("llama")
-    loras = [_random_lora(params, 4, 0, "all-linear"), _random_lora(params, 2, 5, ["q_proj", "v_proj"])]
+    loras = [
+        _random_lora(params, 4, 0, "all-linear"),
+        _random_lora(params, 2, 5, ["q_proj", "v_proj"]),
+    ]
     stacked = stack_adapters(loras)
     ids = jnp.asarray([1, 0, 1])
     apply = lambda lora, x: model.apply({"params": params, "lora": lora}, x)
-    mixed = np.asarray(jax.jit(lambda s, i, x: map_rows(apply, s, i, x))(stacked, ids, jnp.asarray(PROMPTS)))
+    mixed = np.asarray(
+        jax.jit(lambda s, i, x: map_rows(apply, s, i, x))(stacked, ids, jnp.asarray(PROMPTS))
+    )
     for row, k in enumerate(ids.tolist()):
-        np.testing.assert_allclose(mixed[row], jqlora_logits(model, params, PROMPTS[row : row + 1], loras[k])[0], atol=1e-5)
+        np.testing.assert_allclose(
+            mixed[row], jqlora_logits(model, params, PROMPTS[row : row + 1], loras[k])[0], atol=1e-5
+        )
 
     # Generation: adapters of one structure, so running each alone compiles once.
     loras = [_random_lora(params, 2, seed, ["q_proj", "v_proj"]) for seed in (0, 5)]
-    got = generate(model, params, PROMPTS, lora=stack_adapters(loras), adapter_ids=ids, attention_mask=MASK, max_new_tokens=6)
+    got = generate(
+        model,
+        params,
+        PROMPTS,
+        lora=stack_adapters(loras),
+        adapter_ids=ids,
+        attention_mask=MASK,
+        max_new_tokens=6,
+    )
     for row, k in enumerate(ids.tolist()):
-        alone = generate(model, params, PROMPTS[row : row + 1], lora=loras[k], attention_mask=MASK[row : row + 1], max_new_tokens=6)
+        alone = generate(
+            model,
+            params,
+            PROMPTS[row : row + 1],
+            lora=loras[k],
+            attention_mask=MASK[row : row + 1],
+            max_new_tokens=6,
+        )
         np.testing.assert_array_equal(got[row : row + 1], alone)
 
 
@@ -171,7 +235,9 @@ def smollm2():
 
     path = smollm2_gguf_path()
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    reference = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    reference = tf.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     model, params = jqlora.load_hf(path)
     return tokenizer, reference, model, params
 
@@ -180,9 +246,14 @@ def smollm2():
 def test_smollm2_greedy_equals_transformers(smollm2):
     """32 greedy tokens for a left-padded batch of two chat prompts, token for token."""
     tokenizer, reference, model, params = smollm2
-    questions = ["What is the capital of France?", "Write a haiku about the sea and the wind at night."]
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea and the wind at night.",
+    ]
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in questions
     ]
     tokenizer.padding_side = "left"
@@ -195,5 +266,13 @@ def test_smollm2_greedy_equals_transformers(smollm2):
             torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=32, do_sample=False,
             eos_token_id=eos, pad_token_id=pad,
         ).numpy()  # fmt: skip
-    got = generate(model, params, ids, attention_mask=mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=pad)
+    got = generate(
+        model,
+        params,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=32,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     np.testing.assert_array_equal(got, expected)

@@ -11,9 +11,7 @@ from hf_reference import make_tiny
 from jqlora.cli import main
 
 WORDS = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}"
-)
+CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,9 @@ def tiny_dir(tmp_path_factory):
     make_tiny(tiny_configs()["llama"], d)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(d)
     return d
@@ -34,7 +34,13 @@ def tiny_dir(tmp_path_factory):
 
 def _greedy_text(model, tokenizer, prompt_ids, n):
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0)
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
@@ -48,7 +54,15 @@ def test_generate_command_prints_transformers_greedy_text(tiny_dir, tmp_path, ca
     prompts = ["w5 w6 w7 w8", "w9 w10"]
     expected = [_greedy_text(peft_model, tokenizer, tokenizer(p)["input_ids"], 6) for p in prompts]
 
-    argv = ["generate", "--model", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "6"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--max-new-tokens",
+        "6",
+    ]
     assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
     assert capsys.readouterr().out == f"--- 0\n{expected[0]}\n--- 1\n{expected[1]}\n"
 
@@ -76,5 +90,8 @@ def _chat_ids(tokenizer, messages):
 def test_cli_bad_input(tiny_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "w5"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tiny_dir), "--adapter", str(tmp_path), "--prompt", "w5"]) == 2
+    assert (
+        main(["generate", "--model", str(tiny_dir), "--adapter", str(tmp_path), "--prompt", "w5"])
+        == 2
+    )
     assert "adapter_config.json" in capsys.readouterr().err

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from adapter_reference import (
-    bnb_nf4_config,
-    exact_nf4,
-    llama64_config,
     PATTERNED,
     VARIANTS,
     VOCAB,
+    bnb_nf4_config,
+    exact_nf4,
     jqlora_logits,
+    llama64_config,
     load_torch,
     peft_config,
     tiny_configs,
@@ -60,7 +60,9 @@ def _perturb(lora, seed=1):
         k1, k2 = jax.random.split(jax.random.fold_in(key, i))
         new = dict(entry, b=0.2 * jax.random.normal(k1, entry["b"].shape))
         if "magnitude" in entry:
-            new["magnitude"] = entry["magnitude"] * (1 + 0.2 * jax.random.uniform(k2, entry["magnitude"].shape))
+            new["magnitude"] = entry["magnitude"] * (
+                1 + 0.2 * jax.random.uniform(k2, entry["magnitude"].shape)
+            )
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -85,11 +87,16 @@ def test_peft_adapter_runs_in_jqlora(bases, tmp_path, family, variant):
 
     # Written back, the files are peft's own: same tensors, same config.
     save_peft_adapter(tmp_path / "back", lora, config, base_model_name_or_path=str(base_dir))
-    ours, theirs = load_file(tmp_path / "back/adapter_model.safetensors"), load_file(tmp_path / "peft/adapter_model.safetensors")
+    ours, theirs = (
+        load_file(tmp_path / "back/adapter_model.safetensors"),
+        load_file(tmp_path / "peft/adapter_model.safetensors"),
+    )
     assert ours.keys() == theirs.keys()
     for k in theirs:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
-    ours_cfg, theirs_cfg = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("back", "peft"))
+    ours_cfg, theirs_cfg = (
+        json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("back", "peft")
+    )
     for cfg in (ours_cfg, theirs_cfg):
         cfg["target_modules"] = sorted(cfg["target_modules"])
         cfg.pop("init_lora_weights")  # peft records how it was initialized (False here)
@@ -104,7 +111,12 @@ def test_jqlora_adapter_runs_in_peft(bases, tmp_path, family, variant):
     base_dir, model, params = bases(family)
     name = PATTERNED[family]
     config = jqlora.LoraConfig(
-        r=4, alpha=8, target_modules="all-linear", rank_pattern={name: 2}, alpha_pattern={name: 3}, **VARIANTS[variant]
+        r=4,
+        alpha=8,
+        target_modules="all-linear",
+        rank_pattern={name: 2},
+        alpha_pattern={name: 3},
+        **VARIANTS[variant],
     )
     lora = _perturb(jqlora.init_lora(jax.random.PRNGKey(0), params, config))
     expected = jqlora_logits(model, params, IDS, lora)
@@ -130,7 +142,9 @@ def llama_adapter(bases, tmp_path):
 def _rewrite_keys(d, old, new):
     file = d / "adapter_model.safetensors"
     tensors = load_file(file)
-    save_file({k.replace(old, new, 1): v for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    save_file(
+        {k.replace(old, new, 1): v for k, v in tensors.items()}, file, metadata={"format": "pt"}
+    )
 
 
 def test_wrong_key_prefix_fails_loudly(llama_adapter):
@@ -166,7 +180,11 @@ def test_bfloat16_adapter_loads_as_float32(llama_adapter):
     from safetensors.flax import load_file as load_jax
     from safetensors.flax import save_file as save_jax
 
-    save_jax({k: v.astype(jnp.bfloat16) for k, v in load_jax(file).items()}, file, metadata={"format": "pt"})
+    save_jax(
+        {k: v.astype(jnp.bfloat16) for k, v in load_jax(file).items()},
+        file,
+        metadata={"format": "pt"},
+    )
     lora, _ = load_peft_adapter(d, params)
     assert {e["a"].dtype for _, e in adapters(lora)} == {np.dtype(np.float32)}
 
@@ -177,7 +195,9 @@ def test_adapter_trained_on_a_4bit_base_loads_onto_jqlora_nf4(tmp_path):
     from transformers import AutoModelForCausalLM
 
     make_tiny(llama64_config(), tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_nf4_config(), device_map="cpu")
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb_nf4_config(), device_map="cpu"
+    )
     q = exact_nf4(prepare_model_for_kbit_training(q, use_gradient_checkpointing=False))
     peft_model = get_peft_model(q, peft_config("llama", "plain")).eval()
     expected = torch_logits(peft_model, IDS)

@@ -34,7 +34,9 @@ TOKENIZER_FILES = (
 )
 
 
-def merge_checkpoint(model_path, adapter_path, out_dir, *, dtype=jnp.float32, quantize: str | None = None) -> None:
+def merge_checkpoint(
+    model_path, adapter_path, out_dir, *, dtype=jnp.float32, quantize: str | None = None
+) -> None:
     """Loads ``model_path`` and the PEFT adapter, merges (float32 math), saves to ``out_dir``."""
     from jqlora.hf import QuantConfig, load_hf, save_hf
     from jqlora.hf.peft import load_peft_adapter
@@ -59,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise InputError(f"--out {args.out}: exists and is not empty (pass --force to replace it)")
     try:
-        merge_checkpoint(args.model, args.adapter, args.out, dtype=DTYPES[args.dtype], quantize=args.quantize)
+        merge_checkpoint(
+            args.model, args.adapter, args.out, dtype=DTYPES[args.dtype], quantize=args.quantize
+        )
     except ValueError as e:
         raise InputError(str(e)) from None
     note = f", {args.quantize} 4-bit (lossy for the adapter's update)" if args.quantize else ""
@@ -77,10 +81,23 @@ def register(subparsers) -> None:
             "dequantized base weights (as PEFT does for 4-bit bases), then stored in --dtype."
         ),
     )
-    p.add_argument("--model", required=True, help="base checkpoint: a Hugging Face directory (float or bitsandbytes 4-bit) or a .gguf file")
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base checkpoint: a Hugging Face directory (float or bitsandbytes 4-bit) or a .gguf file",
+    )
+    p.add_argument(
+        "--adapter",
+        required=True,
+        help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
+    )
     p.add_argument("--out", required=True, help="output directory for the merged checkpoint")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights (default float32)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="dtype of the written weights (default float32)",
+    )
     p.add_argument(
         "--quantize",
         choices=("nf4", "fp4"),

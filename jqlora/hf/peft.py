@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,17 +110,23 @@ def save_peft_adapter(
     for path, entry in entries:
         a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"save_peft_adapter: {path}: a {a.shape} and b {b.shape} are not [r, in] and [out, r]")
+            raise ValueError(
+                f"save_peft_adapter: {path}: a {a.shape} and b {b.shape} are not [r, in] and [out, r]"
+            )
         r = a.shape[0]
         alpha = _alpha_of(entry["spec"], r, use_rslora)
         if _pattern_value(rank_pattern, path, r0) != r:
             extra_rank[re.escape(path)] = r
-        if not math.isclose(float(_pattern_value(alpha_pattern, path, alpha0)), alpha, rel_tol=1e-6):
+        if not math.isclose(
+            float(_pattern_value(alpha_pattern, path, alpha0)), alpha, rel_tol=1e-6
+        ):
             extra_alpha[re.escape(path)] = _number(alpha)
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b
         if "magnitude" in entry:
-            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.asarray(entry["magnitude"], np.float32)
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.asarray(
+                entry["magnitude"], np.float32
+            )
     # First match wins in PEFT, so exact paths go before the user's patterns.
     rank_pattern = {**extra_rank, **rank_pattern}
     alpha_pattern = {**extra_alpha, **alpha_pattern}
@@ -133,7 +138,9 @@ def save_peft_adapter(
     else:
         target_modules = sorted({p.rsplit(".", 1)[-1] for p in paths})
     if model_type is None:
-        is_gpt2 = all(p.startswith("transformer.h.") and p.rsplit(".", 1)[-1] in _CONV1D_NAMES for p in paths)
+        is_gpt2 = all(
+            p.startswith("transformer.h.") and p.rsplit(".", 1)[-1] in _CONV1D_NAMES for p in paths
+        )
         model_type = "gpt2" if is_gpt2 else None
     init = getattr(lora_config, "init", "default")
     config = _peft_config_dict(
@@ -183,7 +190,9 @@ def _write(out_dir, tensors: dict, config: dict) -> None:
     with open(os.path.join(out_dir, ADAPTER_CONFIG + ".tmp"), "w") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(weights + ".tmp", weights)
-    os.replace(os.path.join(out_dir, ADAPTER_CONFIG + ".tmp"), os.path.join(out_dir, ADAPTER_CONFIG))
+    os.replace(
+        os.path.join(out_dir, ADAPTER_CONFIG + ".tmp"), os.path.join(out_dir, ADAPTER_CONFIG)
+    )
 
 
 def read_peft_config(path: str | os.PathLike) -> dict:
@@ -194,10 +203,14 @@ def read_peft_config(path: str | os.PathLike) -> dict:
     with open(file) as f:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+        raise ValueError(
+            f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
+        )
     for field, neutral in _UNSUPPORTED.items():
         if config.get(field, neutral) not in (neutral, [], {}):
-            raise ValueError(f"{file}: {field}={config[field]!r} is not supported (only {neutral!r})")
+            raise ValueError(
+                f"{file}: {field}={config[field]!r} is not supported (only {neutral!r})"
+            )
     return config
 
 
@@ -206,7 +219,11 @@ def _read_tensors(path) -> dict[str, np.ndarray]:
 
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
-        other = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+        other = [
+            f
+            for f in ("adapter_model.bin", "adapter_model.pt")
+            if os.path.isfile(os.path.join(path, f))
+        ]
         hint = f" (found {other[0]}: re-save it with safetensors)" if other else ""
         raise ValueError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
     # The flax reader handles bfloat16 (numpy cannot); adapters are held in float32.
@@ -235,7 +252,9 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
-            raise ValueError(f"{path}/{ADAPTER_WEIGHTS}: key {key!r} does not start with {PREFIX!r}")
+            raise ValueError(
+                f"{path}/{ADAPTER_WEIGHTS}: key {key!r} does not start with {PREFIX!r}"
+            )
         for suffix, name in _SUFFIXES.items():
             if key.endswith(suffix):
                 modules.setdefault(key[len(PREFIX) : -len(suffix)], {})[name] = value
@@ -247,7 +266,10 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
             )
     use_rslora = bool(config.get("use_rslora", False))
     r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = (
+        config.get("rank_pattern") or {},
+        config.get("alpha_pattern") or {},
+    )
     dropout = float(config.get("lora_dropout", 0.0))
     lora: dict = {}
     for module, entry in sorted(modules.items()):
@@ -256,14 +278,18 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
             raise ValueError(f"{where}: needs both lora_A and lora_B, has {sorted(entry)}")
         a, b = entry["a"], entry["b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{where}: lora_A {a.shape} and lora_B {b.shape} are not [r, in] and [out, r]")
+            raise ValueError(
+                f"{where}: lora_A {a.shape} and lora_B {b.shape} are not [r, in] and [out, r]"
+            )
         r = _pattern_value(rank_pattern, module, r0)
         if r != a.shape[0]:
             raise ValueError(f"{where}: the config gives rank {r}, the tensors rank {a.shape[0]}")
         if config.get("use_dora") and "magnitude" not in entry:
             raise ValueError(f"{where}: use_dora is set but lora_magnitude_vector is missing")
         if "magnitude" in entry and entry["magnitude"].shape != (b.shape[0],):
-            raise ValueError(f"{where}: lora_magnitude_vector {entry['magnitude'].shape} is not [{b.shape[0]}]")
+            raise ValueError(
+                f"{where}: lora_magnitude_vector {entry['magnitude'].shape} is not [{b.shape[0]}]"
+            )
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
         spec = LoraSpec(scale=alpha / (math.sqrt(r) if use_rslora else r), dropout=dropout)
         node = lora

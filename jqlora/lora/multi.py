@@ -39,7 +39,9 @@ def stack_adapters(adapters: Sequence[Mapping]) -> dict:
     for k, tree in enumerate(trees):
         for path, e in tree.items():
             if "magnitude" in e:
-                raise ValueError(f"stack_adapters: adapter {k} at {'.'.join(path)} is DoRA; DoRA cannot be stacked")
+                raise ValueError(
+                    f"stack_adapters: adapter {k} at {'.'.join(path)} is DoRA; DoRA cannot be stacked"
+                )
             (r, in_f), (out_f, _) = e["a"].shape, e["b"].shape
             old = shapes.get(path, (out_f, in_f, 0))
             if old[:2] != (out_f, in_f):
@@ -84,19 +86,21 @@ def map_rows(fn: Callable, stacked: Mapping, ids: jax.Array, *batched):
     in_axes = [jax.tree.map(lambda x: None if jnp.ndim(x) == 0 else 0, b) for b in batched]
     is_axis = lambda x: x is None or isinstance(x, int)
 
-    def add_row_axis(axes, tree):
-        return jax.tree.map(lambda ax, x: x if ax is None else x[None], axes, tree, is_leaf=is_axis)
+    def rows_of(row_trees, take):
+        """Each mapped leaf passed through ``take``; shared (scalar) leaves as they are."""
+        return [
+            jax.tree.map(lambda ax, x: x if ax is None else take(x), axes, tree, is_leaf=is_axis)
+            for axes, tree in zip(in_axes, row_trees, strict=True)
+        ]
 
     lora_rows = select_adapters(stacked, ids)
+    # Which outputs are shared scalars (e.g. the cache index) and so are not mapped over.
     first = jax.tree.map(lambda x: x[0], lora_rows)
-    out_shape = jax.eval_shape(
-        lambda: fn(first, *[jax.tree.map(lambda ax, x: x if ax is None else x[:1], a, b, is_leaf=is_axis)
-                            for a, b in zip(in_axes, batched)])
-    )
+    out_shape = jax.eval_shape(lambda: fn(first, *rows_of(batched, lambda x: x[:1])))
     out_axes = jax.tree.map(lambda s: None if len(s.shape) == 0 else 0, out_shape)
 
     def one(lora_row, *row):
-        out = fn(lora_row, *[add_row_axis(a, r) for a, r in zip(in_axes, row)])
+        out = fn(lora_row, *rows_of(row, lambda x: x[None]))
         return jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else x[0], out)
 
     return jax.vmap(one, in_axes=(0, *in_axes), out_axes=out_axes)(lora_rows, *batched)
