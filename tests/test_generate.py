@@ -233,7 +233,7 @@ def smollm2():
 
     from jqlora.hf.smollm2 import smollm2_gguf_path
 
-    path = smollm2_gguf_path()
+    path = smollm2_gguf_path(fetch=True)
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reference = tf.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32

@@ -24,7 +24,7 @@ def smollm2():
     import torch
     import transformers as tf
 
-    path = smollm2_gguf_path()
+    path = smollm2_gguf_path(fetch=True)
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reference = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     model, params = jqlora.load_hf(path)
