@@ -376,6 +376,11 @@ def _batch_group(mesh: Mesh) -> tuple[str, ...]:
     return _group(mesh, tuple(a for a in mesh.axis_names if a in BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts the batch is split into on ``mesh`` (product of its batch axes)."""
+    return _size(mesh, _batch_group(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Dimension 0 split over the mesh's batch axes (``data`` and ``fsdp``)."""
     return NamedSharding(mesh, _spec([_batch_group(mesh)]))
@@ -405,7 +410,7 @@ def shard_batch(batch, mesh: Mesh):
     ``1/process_count`` of the global batch that this process loaded (all of it in a
     single-process run); the rows are split over the mesh's batch axes."""
     sharding = batch_sharding(mesh)
-    n = _size(mesh, _batch_group(mesh))
+    n = batch_shards(mesh)
 
     def one(path, x):
         x = np.asarray(x)

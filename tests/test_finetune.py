@@ -151,3 +151,29 @@ def test_default_model_and_data_train_a_few_real_steps(tmp_path):
     assert result.n_train > 300 and result.n_eval > 30
     assert result.eval_loss_after < result.eval_loss_before
     assert os.path.exists(tmp_path / "real" / "adapter_model.safetensors")
+
+
+def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
+    """`finetune(mesh="data=2,fsdp=2")` on 4 host devices (a subprocess, so this process keeps
+    one device) trains the same adapter as the single-device run."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    model_dir, data = tiny
+    out = tmp_path / "mesh"
+    script = (
+        "from jqlora.train import loop\n"
+        f"run = dict({', '.join(f'{k}={v!r}' for k, v in RUN.items() if k != 'log')})\n"
+        f"loop.finetune({str(model_dir)!r}, {data!r}, {str(out)!r}, steps=5, mesh='data=2,fsdp=2', "
+        "log=lambda *a: None, **run)\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(out / "adapter_model.safetensors"))
+    want = load_file(os.path.join(whole.out, "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -70,7 +70,16 @@ def register(subparsers) -> None:
     p.add_argument("--save-every", type=_positive(int), default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds the adapters, data order, split and dropout")
+    p.add_argument("--mesh", type=_mesh, default=None,
+                   help="device mesh axes and sizes, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; "
+                        "see docs/distributed.md); default: one device")
     p.set_defaults(func=run)
+
+
+def _mesh(text: str):
+    from jqlora.sharding import mesh_arg
+
+    return mesh_arg(text)
 
 
 def _targets(text: str):
@@ -92,7 +101,7 @@ def run(args) -> int:
             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=_targets(args.target_modules), quant=args.quant,
             offload_optimizer=args.offload_optimizer, remat=args.remat, eval_every=args.eval_every,
-            save_every=args.save_every, resume=args.resume, seed=args.seed,
+            save_every=args.save_every, resume=args.resume, seed=args.seed, mesh=args.mesh,
         )  # fmt: skip
     except (DataError, FileNotFoundError) as e:
         raise InputError(str(e)) from None

@@ -126,12 +126,14 @@ def _prompt_of(example: data_lib.Example) -> np.ndarray:
     return example.input_ids[:first]
 
 
-def _load_base(path: str, quant: str, progress: bool):
-    """``(model, params)`` of the base model, 4-bit unless ``quant == "none"``."""
+def _load_base(path: str, quant: str, progress: bool, place=None):
+    """``(model, params)`` of the base model, 4-bit unless ``quant == "none"``; ``place``
+    puts each tensor onto its shards as it loads (``jqlora.sharding.placer``)."""
     from jqlora import QuantConfig, load_hf
 
     quantization = None if quant == "none" else QuantConfig(quant_type=quant, double_quant=True)
-    return load_hf(path, quantization=quantization, dtype=jnp.float32, progress=None if progress else False)
+    return load_hf(path, quantization=quantization, dtype=jnp.float32, progress=None if progress else False,
+                   place=place)
 
 
 def finetune(
@@ -160,6 +162,7 @@ def finetune(
     eval_fraction: float = 0.1,
     max_grad_norm: float = 0.3,
     compute_dtype=None,
+    mesh=None,
     sample: bool = True,
     max_new_tokens: int = 40,
     progress: bool = True,
@@ -171,7 +174,9 @@ def finetune(
     layer, AdamW at 2e-4, gradient norm clipped to 0.3, constant learning rate after a
     warm-up of 3 % of the steps) at a size that suits the default 135M-parameter model.
     ``steps`` or ``epochs`` (not both) sets the length; neither: 60 steps. ``resume=True``
-    continues from the newest checkpoint in ``out/checkpoints``.
+    continues from the newest checkpoint in ``out/checkpoints``. ``mesh`` (e.g.
+    ``"data=2,fsdp=4"``, see ``jqlora.sharding``) places the base, adapters, optimizer state
+    and batches on the devices of this process; default: one device.
     """
     from jqlora.lora import LoraConfig, init_lora
 
@@ -219,8 +224,18 @@ def finetune(
         + (f" ({stats['truncated']} truncated to {seq_len} tokens)" if stats["truncated"] else "")
         + (f" ({stats['dropped']} without a target dropped)" if stats["dropped"] else ""))
 
+    device_mesh = None
+    if mesh is not None:
+        from jqlora import sharding
+
+        device_mesh = sharding.make_mesh(mesh)
+        if batch_size % sharding.batch_shards(device_mesh):
+            raise ValueError(f"batch_size {batch_size} does not divide over the batch axes of mesh "
+                             f"{dict(device_mesh.shape)}")
+        log(f"mesh: {dict(device_mesh.shape)}")
     log(f"model: {path} ({'float' if quant == 'none' else quant + ' + double quant'})")
-    base, params = _load_base(path, quant, progress)
+    base, params = _load_base(path, quant, progress,
+                              place=None if device_mesh is None else sharding.placer(device_mesh))
     lora = init_lora(jax.random.key(seed), params, lora_config)
     optimizer = make_optimizer(make_schedule(lr, warmup_steps), max_grad_norm=max_grad_norm)
     if grad_accum > 1:
@@ -230,6 +245,9 @@ def finetune(
 
         optimizer = offload(optimizer)
     state = init_train_state(lora, optimizer)
+    if device_mesh is not None:
+        state, params = sharding.shard_train_state(state, params, device_mesh)
+        lora = state.lora
     rng = jax.random.key(seed + 1)
     step_fn = make_train_step(base, optimizer, compute_dtype=compute_dtype,
                               remat="nothing_saveable" if remat else None)
@@ -241,6 +259,8 @@ def finetune(
     if latest and resume:
         restored, start_step, meta = ckpt.restore_checkpoint(latest, {"state": state, "rng": rng})
         state, rng = restored["state"], restored["rng"]
+        if device_mesh is not None:
+            state, params = sharding.shard_train_state(state, params, device_mesh)
         _truncate_metrics(metrics_path, start_step)
         log(f"resuming from {latest} (step {start_step})")
     else:
@@ -267,6 +287,8 @@ def finetune(
                 micro = step * grad_accum + j
                 batch = stream[micro]
                 shape = batch["input_ids"].shape
+                if device_mesh is not None:
+                    batch = sharding.shard_batch(batch, device_mesh)
                 compiled |= shape not in shapes_seen
                 shapes_seen.add(shape)
                 tokens += int(batch["attention_mask"].sum())
