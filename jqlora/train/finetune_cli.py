@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                         "; without it, the house-style set shipped with jqlora")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (adapter, metrics, checkpoints)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive(int), default=None, help="optimizer updates; without --steps or --epochs: 60")
+    length.add_argument("--steps", type=_positive(int), default=None, help="optimizer updates; without --steps or --epochs: 40")
     length.add_argument("--epochs", type=_positive(float), default=None, help="passes over the training split")
     p.add_argument("--batch-size", type=_positive(int), default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per update")

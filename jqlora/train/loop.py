@@ -43,6 +43,7 @@ from jqlora.train.step import (
 )
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_STEPS = 40  # the house style has taken by then on SmolLM2-135M (eval loss 2.90 -> 0.36)
 DEFAULT_OUT = os.path.join("runs", "smollm2-house-style")
 # Arguments that must agree between a run and the checkpoint it resumes from.
 _RESUME_KEYS = ("model", "data", "batch_size", "grad_accum", "seq_len", "lr", "lora_r", "lora_alpha",
@@ -173,7 +174,7 @@ def finetune(
     Defaults are QLoRA's recipe (NF4 with double quantization, adapters on every linear
     layer, AdamW at 2e-4, gradient norm clipped to 0.3, constant learning rate after a
     warm-up of 3 % of the steps) at a size that suits the default 135M-parameter model.
-    ``steps`` or ``epochs`` (not both) sets the length; neither: 60 steps. ``resume=True``
+    ``steps`` or ``epochs`` (not both) sets the length; neither: DEFAULT_STEPS (40). ``resume=True``
     continues from the newest checkpoint in ``out/checkpoints``. ``mesh`` (e.g.
     ``"data=2,fsdp=4"``, see ``jqlora.sharding``) places the base, adapters, optimizer state
     and batches on the devices of this process; default: one device.
@@ -201,7 +202,7 @@ def finetune(
     stream = data_lib.BatchStream(train_set, batch_size, seq_len, pad_id, seed)
     updates_per_epoch = -(-stream.batches_per_epoch // grad_accum)
     if steps is None:
-        steps = max(1, round(epochs * updates_per_epoch)) if epochs is not None else 60
+        steps = max(1, round(epochs * updates_per_epoch)) if epochs is not None else DEFAULT_STEPS
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     warmup_steps = max(1, round(0.03 * steps)) if warmup_steps is None else warmup_steps
