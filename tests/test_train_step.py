@@ -178,6 +178,25 @@ def test_state_is_donated():
     assert not any(x.is_deleted() for x in jax.tree.leaves(new.lora))
 
 
+def test_adapter_that_does_not_fit_its_layer_is_named_before_compiling():
+    model, params, lora = _setup()
+    path, entry = next((p, e) for p, e in _adapters(lora))
+    entry["a"] = entry["a"][..., :-1]  # one input feature short
+    opt = make_optimizer(1e-3)
+    step = make_train_step(model, opt)
+    with pytest.raises(ValueError, match=re.escape(path)):
+        step(init_train_state(lora, opt), params, _batch(jax.random.key(2)))
+
+
+def _adapters(tree, prefix=""):
+    """(dotted path, entry) of every adapter entry in a lora tree."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and "a" in v:
+            yield prefix + k, v
+        elif isinstance(v, dict):
+            yield from _adapters(v, prefix + k + ".")
+
+
 def test_train_time_options_are_checked():
     class Plain(nn.Module):
         @nn.compact

@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jqlora.lora.check import check_lora
+
 from jqlora.quant import QuantizedTensor
 
 IGNORE_INDEX = -100
@@ -218,6 +220,9 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, params, batch: dict, rng=None):
+        # Shapes are static: this runs once per compilation, so a mismatched adapter fails
+        # here with the module's name rather than deep inside a matmul.
+        check_lora(params, state.lora)
         (loss, aux), grads = grad_fn(state.lora, params, batch, model=model, compute_dtype=compute_dtype, rng=rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
