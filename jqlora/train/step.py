@@ -48,14 +48,14 @@ module fields are set through ``Module.clone`` when the model declares them:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jqlora.lora.check import check_lora
-
 from jqlora.quant import QuantizedTensor
 
 IGNORE_INDEX = -100
