@@ -25,16 +25,36 @@ import subprocess
 import sys
 
 SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4),
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "llama-1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
+    "llama-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
 }
 
 
-def run_one(shape: str, offload: bool, batch: int, seq: int, steps: int, dtype: str, remat: bool) -> dict:
+def run_one(
+    shape: str, offload: bool, batch: int, seq: int, steps: int, dtype: str, remat: bool
+) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -42,10 +62,17 @@ def run_one(shape: str, offload: bool, batch: int, seq: int, steps: int, dtype: 
     from jqlora.lora.targets import dotted, get_in, linear_modules, set_in
     from jqlora.models import model_for_config
 
-    cfg = dict(model_type="llama", rms_norm_eps=1e-5, max_position_embeddings=max(seq, 64),
-               tie_word_embeddings=False, **SHAPES[shape])
+    cfg = dict(
+        model_type="llama",
+        rms_norm_eps=1e-5,
+        max_position_embeddings=max(seq, 64),
+        tie_word_embeddings=False,
+        **SHAPES[shape],
+    )
     model = model_for_config(cfg, jnp.dtype(dtype))
-    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()["params"]
+    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()[
+        "params"
+    ]
     params = jax.tree.map(lambda x: x.astype(dtype), params)
     lora_config = jqlora.LoraConfig(r=64)
     lora = jqlora.init_lora(jax.random.key(1), params, lora_config)
@@ -53,13 +80,16 @@ def run_one(shape: str, offload: bool, batch: int, seq: int, steps: int, dtype: 
     quantize = jax.jit(jqlora.quantize)
     for path in linear_modules(params):
         if quant.quantizes(dotted(path)):
-            params = set_in(params, path + ("weight",), quantize(get_in(params, path + ("weight",))))
+            params = set_in(
+                params, path + ("weight",), quantize(get_in(params, path + ("weight",)))
+            )
     optimizer = jqlora.make_optimizer(2e-4)
     if offload:
         optimizer = jqlora.offload(optimizer)
     state = jqlora.init_train_state(lora, optimizer)
-    step = jqlora.make_train_step(model, optimizer, compute_dtype=dtype,
-                                  remat="nothing_saveable" if remat else None)
+    step = jqlora.make_train_step(
+        model, optimizer, compute_dtype=dtype, remat="nothing_saveable" if remat else None
+    )
     ids = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg["vocab_size"])
     data = {"input_ids": ids}
     mem = step.lower(state, params, data).compile().memory_analysis()
@@ -68,8 +98,16 @@ def run_one(shape: str, offload: bool, batch: int, seq: int, steps: int, dtype: 
     float(metrics["loss"])
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
-    est = jqlora.estimate_memory(cfg, lora_config, batch, seq, offload=offload, remat=remat, compute_dtype=dtype,
-                                 backend="kernel" if device.platform in ("gpu", "cuda", "tpu") else "xla")
+    est = jqlora.estimate_memory(
+        cfg,
+        lora_config,
+        batch,
+        seq,
+        offload=offload,
+        remat=remat,
+        compute_dtype=dtype,
+        backend="kernel" if device.platform in ("gpu", "cuda", "tpu") else "xla",
+    )
     return {
         "platform": device.platform,
         "device": str(device.device_kind),
@@ -77,7 +115,9 @@ def run_one(shape: str, offload: bool, batch: int, seq: int, steps: int, dtype: 
         "argument_bytes": mem.argument_size_in_bytes,
         "temp_bytes": mem.temp_size_in_bytes,
         "host_argument_bytes": mem.host_argument_size_in_bytes,
-        "xla_peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        "xla_peak_bytes": mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
         "estimate_device_bytes": est.qlora.total,
@@ -97,25 +137,49 @@ def main() -> None:
     p.add_argument("--one", choices=("plain", "offload"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.shape, a.one == "offload", a.batch, a.seq, a.steps, a.dtype, a.remat)))
+        print(
+            json.dumps(
+                run_one(a.shape, a.one == "offload", a.batch, a.seq, a.steps, a.dtype, a.remat)
+            )
+        )
         return
     rows = []
     for which in ("plain", "offload"):
-        cmd = [sys.executable, __file__, "--one", which, "--shape", a.shape, "--batch", str(a.batch),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--dtype", a.dtype] + (["--remat"] if a.remat else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            which,
+            "--shape",
+            a.shape,
+            "--batch",
+            str(a.batch),
+            "--seq",
+            str(a.seq),
+            "--steps",
+            str(a.steps),
+            "--dtype",
+            a.dtype,
+        ] + (["--remat"] if a.remat else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     mib = lambda n: "-" if n is None else f"{n / 2**20:.1f}"  # noqa: E731
-    print(f"{rows[0]['device']} ({rows[0]['platform']}), {a.shape}, batch {a.batch} x {a.seq}, {a.dtype}, "
-          f"remat={a.remat}, LoRA r=64 all-linear, NF4-DQ base")
-    print("| optimizer state | XLA peak (MiB) | args (MiB) | host args (MiB) | temps (MiB) | "
-          "peak_bytes_in_use (MiB) | estimate device (MiB) | estimate host (MiB) | loss |")
+    print(
+        f"{rows[0]['device']} ({rows[0]['platform']}), {a.shape}, batch {a.batch} x {a.seq}, {a.dtype}, "
+        f"remat={a.remat}, LoRA r=64 all-linear, NF4-DQ base"
+    )
+    print(
+        "| optimizer state | XLA peak (MiB) | args (MiB) | host args (MiB) | temps (MiB) | "
+        "peak_bytes_in_use (MiB) | estimate device (MiB) | estimate host (MiB) | loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'host (offload)' if r['offload'] else 'device'} | {mib(r['xla_peak_bytes'])} | "
-              f"{mib(r['argument_bytes'])} | {mib(r['host_argument_bytes'])} | {mib(r['temp_bytes'])} | "
-              f"{mib(r['peak_bytes_in_use'])} | {mib(r['estimate_device_bytes'])} | "
-              f"{mib(r['estimate_host_bytes'])} | {r['final_loss']:.4f} |")
+        print(
+            f"| {'host (offload)' if r['offload'] else 'device'} | {mib(r['xla_peak_bytes'])} | "
+            f"{mib(r['argument_bytes'])} | {mib(r['host_argument_bytes'])} | {mib(r['temp_bytes'])} | "
+            f"{mib(r['peak_bytes_in_use'])} | {mib(r['estimate_device_bytes'])} | "
+            f"{mib(r['estimate_host_bytes'])} | {r['final_loss']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

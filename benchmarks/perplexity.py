@@ -74,13 +74,19 @@ def transformers_ppl(gguf: Path, mode: str, batches: np.ndarray, float_dir: Path
 
     quant = MODES[mode]
     if quant is None:
-        model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     else:
         config = tf.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant[0], bnb_4bit_use_double_quant=quant[1],
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant[0],
+            bnb_4bit_use_double_quant=quant[1],
             bnb_4bit_compute_dtype=torch.float32,
         )
-        model = tf.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map="cpu")
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            float_dir, quantization_config=config, device_map="cpu"
+        )
         for m in model.modules():  # keep bitsandbytes on its exact path (no bf16 repacking)
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
@@ -101,7 +107,9 @@ def save_float_copy(gguf: Path, out: Path) -> None:
     import torch
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -136,7 +144,10 @@ def main() -> None:
             t1 = time.perf_counter()
             theirs = transformers_ppl(gguf, mode, batches, float_dir)
             t2 = time.perf_counter()
-            print(f"| {mode} | {ours:.3f} | {theirs:.3f} | {t1 - t0:.0f} | {t2 - t1:.0f} |", flush=True)
+            print(
+                f"| {mode} | {ours:.3f} | {theirs:.3f} | {t1 - t0:.0f} | {t2 - t1:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,16 @@ import numpy as np
 IMPLS = ("jqlora", "peft-bnb", "peft-lora")
 BATCH, SEQ = 4, 256
 WORK = os.path.join(tempfile.gettempdir(), "jqlora-bench")
-TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+TINY = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 
 
 # ----------------------------------------------------------------------------- shared inputs
@@ -58,7 +66,9 @@ def model_dir(config: str) -> str:
         from jqlora.hf.smollm2 import smollm2_gguf_path
 
         gguf = smollm2_gguf_path(fetch=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         model.hf_quantizer = None  # a GGUF-loaded model refuses to save until these go
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -74,8 +84,11 @@ def token_batches(n_batches: int, vocab: int) -> np.ndarray:
         from jqlora.train.data import load_tokenizer
 
         tok = load_tokenizer(str(smollm2_gguf_path(fetch=True)))
-        text = "\n\n".join(open(p, errors="replace").read() for p in sorted(glob.glob("/usr/share/common-licenses/*"))
-                           if os.path.isfile(p))
+        text = "\n\n".join(
+            open(p, errors="replace").read()
+            for p in sorted(glob.glob("/usr/share/common-licenses/*"))
+            if os.path.isfile(p)
+        )
         os.makedirs(WORK, exist_ok=True)
         np.save(cache, np.asarray(tok(text)["input_ids"], np.int32))
     ids = np.load(cache) % vocab
@@ -99,9 +112,14 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> 
     from jqlora.lora.targets import linear_modules
 
     dot_rate, dot_rate_cpu = measure_dot_rate()
-    model, params = jqlora.load_hf(directory, quantization=jqlora.QuantConfig("nf4", double_quant=True))
-    lora = jqlora.init_lora(jax.random.key(0), params,
-                            jqlora.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear"))
+    model, params = jqlora.load_hf(
+        directory, quantization=jqlora.QuantConfig("nf4", double_quant=True)
+    )
+    lora = jqlora.init_lora(
+        jax.random.key(0),
+        params,
+        jqlora.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules="all-linear"),
+    )
     optimizer = jqlora.make_optimizer(2e-4, max_grad_norm=0.3)
     state = jqlora.init_train_state(lora, optimizer)
     step = jqlora.make_train_step(model, optimizer)
@@ -111,7 +129,9 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> 
     times, cpu, key = [], [], jax.random.key(1)
     for i in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, m = step(state, params, {"input_ids": jnp.asarray(batches[i])}, rng=jax.random.fold_in(key, i))
+        state, m = step(
+            state, params, {"input_ids": jnp.asarray(batches[i])}, rng=jax.random.fold_in(key, i)
+        )
         loss = float(m["loss"])
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
@@ -121,11 +141,19 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> 
     if c.tie_word_embeddings:
         n_matmul += c.vocab_size * c.hidden_size
     tokens = BATCH * SEQ
-    flops = 4 * n_matmul * tokens + 8 * c.num_hidden_layers * BATCH * SEQ * SEQ * c.num_attention_heads * c.head_dim
+    flops = (
+        4 * n_matmul * tokens
+        + 8 * c.num_hidden_layers * BATCH * SEQ * SEQ * c.num_attention_heads * c.head_dim
+    )
     out = summary(times, cpu, warmup, loss, eval_before, eval_after)
-    out.update(model_flops_per_step=flops, dot_flops_per_s=dot_rate, dot_flops_per_cpu_s=dot_rate_cpu,
-               model_flops_per_s=flops / out["median_step_s"], fraction_of_dot=flops / out["median_step_s"] / dot_rate,
-               fraction_of_dot_cpu=flops / out["median_step_cpu_s"] / dot_rate_cpu)
+    out.update(
+        model_flops_per_step=flops,
+        dot_flops_per_s=dot_rate,
+        dot_flops_per_cpu_s=dot_rate_cpu,
+        model_flops_per_s=flops / out["median_step_s"],
+        fraction_of_dot=flops / out["median_step_s"] / dot_rate,
+        fraction_of_dot_cpu=flops / out["median_step_cpu_s"] / dot_rate_cpu,
+    )
     return out
 
 
@@ -159,26 +187,45 @@ def measure_dot_rate(n: int = 2048, reps: int = 10) -> tuple[float, float]:
     return 2 * n**3 / statistics.median(times), 2 * n**3 / statistics.median(cpu)
 
 
-def run_torch(directory: str, batches: np.ndarray, steps: int, warmup: int, quantized: bool) -> dict:
+def run_torch(
+    directory: str, batches: np.ndarray, steps: int, warmup: int, quantized: bool
+) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
     if quantized:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb, device_map="cpu",
-                                                     dtype=torch.float32)
-        for m in model.modules():  # keep exact NF4 with a backward: no bf16 repacking on AVX512 CPUs
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=bnb, device_map="cpu", dtype=torch.float32
+        )
+        for (
+            m
+        ) in model.modules():  # keep exact NF4 with a backward: no bf16 repacking on AVX512 CPUs
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0
+    )
     held = torch.tensor(batches[-1], dtype=torch.long)
 
     def eval_loss():
@@ -209,9 +256,17 @@ def summary(times, cpu, warmup, loss, eval_before, eval_after) -> dict:
     clock measures the neighbours too, while the process's CPU seconds per step do not."""
     median = statistics.median(times[warmup:] or times)
     median_cpu = statistics.median(cpu[warmup:] or cpu)
-    return dict(median_step_s=median, tokens_per_s=BATCH * SEQ / median, median_step_cpu_s=median_cpu,
-                tokens_per_cpu_s=BATCH * SEQ / median_cpu, peak_rss_bytes=peak_rss(), loss_last_step=loss,
-                eval_loss_before=eval_before, eval_loss_after=eval_after, steps=len(times))
+    return dict(
+        median_step_s=median,
+        tokens_per_s=BATCH * SEQ / median,
+        median_step_cpu_s=median_cpu,
+        tokens_per_cpu_s=BATCH * SEQ / median_cpu,
+        peak_rss_bytes=peak_rss(),
+        loss_last_step=loss,
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        steps=len(times),
+    )
 
 
 def worker(impl: str, config: str, steps: int, warmup: int) -> dict:
@@ -235,7 +290,10 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.impl, args.config, args.steps, args.warmup)), flush=True)
+        print(
+            "RESULT " + json.dumps(worker(args.impl, args.config, args.steps, args.warmup)),
+            flush=True,
+        )
         return
     configs = ("tiny", "smollm2") if args.config == "both" else (args.config,)
     rows = []
@@ -243,8 +301,19 @@ def main():
         model_dir(config)  # build once, outside the timed processes
         token_batches(1, 2)
         for impl in args.impl.split(","):
-            cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--config", config,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--impl",
+                impl,
+                "--config",
+                config,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -257,19 +326,31 @@ def main():
 
 
 def print_table(rows):
-    print("\n| config | implementation | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
-          "vs PEFT+bnb | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot |")
+    print(
+        "\n| config | implementation | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
+        "vs PEFT+bnb | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = next((x for x in rows if x["config"] == r["config"] and x["impl"] == "peft-bnb"), None)
+        ref = next(
+            (x for x in rows if x["config"] == r["config"] and x["impl"] == "peft-bnb"), None
+        )
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "n/a"
         cpu_ratio = f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}x" if ref else "n/a"
-        frac = (f"{r['fraction_of_dot']:.0%} wall ({r['model_flops_per_s'] / 1e9:.0f} / {r['dot_flops_per_s'] / 1e9:.0f}"
-                f" GFLOP/s), {r['fraction_of_dot_cpu']:.0%} CPU-time") if "fraction_of_dot" in r else ""
-        print(f"| {r['config']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
-              f"{r['median_step_cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
-              f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "
-              f"{r['loss_last_step']:.3f} | {frac} |")
+        frac = (
+            (
+                f"{r['fraction_of_dot']:.0%} wall ({r['model_flops_per_s'] / 1e9:.0f} / {r['dot_flops_per_s'] / 1e9:.0f}"
+                f" GFLOP/s), {r['fraction_of_dot_cpu']:.0%} CPU-time"
+            )
+            if "fraction_of_dot" in r
+            else ""
+        )
+        print(
+            f"| {r['config']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
+            f"{r['median_step_cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "
+            f"{r['loss_last_step']:.3f} | {frac} |"
+        )
 
 
 if __name__ == "__main__":

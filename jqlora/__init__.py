@@ -14,7 +14,14 @@ from jqlora.lora import (  # noqa: E402
     merge_lora,
 )
 
-__all__ += ["LoraConfig", "LoraSpec", "check_lora", "init_lora", "init_lora_and_residual", "merge_lora"]
+__all__ += [
+    "LoraConfig",
+    "LoraSpec",
+    "check_lora",
+    "init_lora",
+    "init_lora_and_residual",
+    "merge_lora",
+]
 
 from jqlora.hf import QuantConfig, load_hf, save_hf  # noqa: E402
 
@@ -29,7 +36,14 @@ from jqlora.train.step import (  # noqa: E402
     next_token_loss,
 )
 
-__all__ += ["TrainState", "init_train_state", "loss_fn", "make_optimizer", "make_train_step", "next_token_loss"]
+__all__ += [
+    "TrainState",
+    "init_train_state",
+    "loss_fn",
+    "make_optimizer",
+    "make_train_step",
+    "next_token_loss",
+]
 
 from jqlora.train.offload import offload  # noqa: E402
 
@@ -57,13 +71,28 @@ from jqlora.sharding import (  # noqa: E402
     shard_train_state,
 )
 
-__all__ += ["distributed", "make_mesh", "parse_mesh", "placer", "shard", "shard_batch", "shard_train_state"]
+__all__ += [
+    "distributed",
+    "make_mesh",
+    "parse_mesh",
+    "placer",
+    "shard",
+    "shard_batch",
+    "shard_train_state",
+]
 
 from jqlora.generate import generate, stream_generate  # noqa: E402
 from jqlora.hf.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 from jqlora.lora.multi import map_rows, stack_adapters  # noqa: E402
 
-__all__ += ["generate", "load_peft_adapter", "map_rows", "save_peft_adapter", "stack_adapters", "stream_generate"]
+__all__ += [
+    "generate",
+    "load_peft_adapter",
+    "map_rows",
+    "save_peft_adapter",
+    "stack_adapters",
+    "stream_generate",
+]
 
 from jqlora.train.loop import FinetuneResult, finetune  # noqa: E402
 

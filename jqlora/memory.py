@@ -52,13 +52,17 @@ def load_config(config) -> dict:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such config file (give a model directory or its config.json)")
+            raise ValueError(
+                f"{path}: no such config file (give a model directory or its config.json)"
+            )
         try:
             with open(path) as f:
                 return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
-    raise ValueError(f"config must be a dict, a transformers config, or a path; got {type(config).__name__}")
+    raise ValueError(
+        f"config must be a dict, a transformers config, or a path; got {type(config).__name__}"
+    )
 
 
 def quantized_bytes(n: int, blocksize: int = 64, double_quant: bool = True) -> int:
@@ -123,7 +127,9 @@ def layer_activation_elements(s: Shapes, seq_len: int) -> tuple[int, int]:
     return per_token, s.heads * seq_len
 
 
-def activation_bytes(s: Shapes, batch_size: int, seq_len: int, dtype_bytes: int, remat: bool) -> int:
+def activation_bytes(
+    s: Shapes, batch_size: int, seq_len: int, dtype_bytes: int, remat: bool
+) -> int:
     """Bytes of activations live at the peak of the backward pass.
 
     Without remat every layer's saved values (``layer_activation_elements``) are live at
@@ -200,11 +206,16 @@ class MemoryEstimate:
         head = "".ljust(width) + "".join(c.name.rjust(18) for c in self.columns)
         lines = [head, "-" * len(head)]
         for r in rows:
-            lines.append(r.ljust(width) + "".join(_gb(c.device.get(r)).rjust(18) for c in self.columns))
+            lines.append(
+                r.ljust(width) + "".join(_gb(c.device.get(r)).rjust(18) for c in self.columns)
+            )
         lines.append("-" * len(head))
-        lines.append("total (device)".ljust(width) + "".join(_gb(c.total).rjust(18) for c in self.columns))
         lines.append(
-            "  without activations".ljust(width) + "".join(_gb(c.total_without_activations).rjust(18) for c in self.columns)
+            "total (device)".ljust(width) + "".join(_gb(c.total).rjust(18) for c in self.columns)
+        )
+        lines.append(
+            "  without activations".ljust(width)
+            + "".join(_gb(c.total_without_activations).rjust(18) for c in self.columns)
         )
         hosts = [sum(c.host.values()) for c in self.columns]
         if any(hosts):
@@ -242,7 +253,9 @@ def _quantization(q) -> QuantConfig | None:
 
 def abstract_params(hf_config: dict, dtype=jnp.float32):
     """The model's params as ``ShapeDtypeStruct`` leaves (nothing allocated)."""
-    return _abstract_params(json.dumps(hf_config, sort_keys=True, default=str), jnp.dtype(dtype).name)
+    return _abstract_params(
+        json.dumps(hf_config, sort_keys=True, default=str), jnp.dtype(dtype).name
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -294,7 +307,9 @@ def estimate_memory(
     sizes = []  # element counts of the quantized weights
     if quant is not None:
         sizes = [
-            get_in(params, p + ("weight",)).size for p in linear_modules(params) if quant.quantizes(dotted(p))
+            get_in(params, p + ("weight",)).size
+            for p in linear_modules(params)
+            if quant.quantizes(dotted(p))
         ]
     quantized = sum(sizes)
     quant_bytes = sum(quantized_bytes(n, quant.blocksize, quant.double_quant) for n in sizes)
@@ -336,5 +351,12 @@ def estimate_memory(
         ),
     )
     return MemoryEstimate(
-        hf.get("model_type", "?"), base_params, quantized, quant_bytes, lora_params, batch_size, seq_len, columns
+        hf.get("model_type", "?"),
+        base_params,
+        quantized,
+        quant_bytes,
+        lora_params,
+        batch_size,
+        seq_len,
+        columns,
     )

@@ -28,11 +28,20 @@ def register(subparsers) -> None:
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--offload", action="store_true", help="optimizer state in host memory")
     p.add_argument("--remat", action="store_true", help="rematerialize each decoder layer")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--backend", choices=("kernel", "xla"), default="kernel",
-                   help="'kernel': Pallas GPU/TPU kernels; 'xla': the dequantize-then-dot path (CPU)")
-    p.add_argument("--mesh", default=None,
-                   help="per-device figures for a sharded run, e.g. data=2,fsdp=4 (see docs/distributed.md)")
+    p.add_argument(
+        "--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32")
+    )
+    p.add_argument(
+        "--backend",
+        choices=("kernel", "xla"),
+        default="kernel",
+        help="'kernel': Pallas GPU/TPU kernels; 'xla': the dequantize-then-dot path (CPU)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="per-device figures for a sharded run, e.g. data=2,fsdp=4 (see docs/distributed.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -49,10 +58,16 @@ def run(args: argparse.Namespace) -> int:
     from jqlora.memory import estimate_memory
 
     try:
-        lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, target_modules=_targets(args.target_modules))
+        lora = LoraConfig(
+            r=args.lora_r, alpha=args.lora_alpha, target_modules=_targets(args.target_modules)
+        )
         quant = None
         if args.quant != "none":
-            quant = QuantConfig(quant_type=args.quant, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+            quant = QuantConfig(
+                quant_type=args.quant,
+                blocksize=args.blocksize,
+                double_quant=not args.no_double_quant,
+            )
         est = estimate_memory(
             args.model,
             lora,
@@ -71,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     if args.mesh:
-        print(f"Per device of the mesh {args.mesh} (weights split over fsdp x tensor, activations over data x fsdp).")
+        print(
+            f"Per device of the mesh {args.mesh} (weights split over fsdp x tensor, activations over data x fsdp)."
+        )
     print(est.summary())
     print()
     print(est.table())

@@ -24,19 +24,83 @@ import random
 from decimal import ROUND_HALF_UP, Decimal
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]
-WORDS = ["garden", "river", "window", "planet", "pencil", "orange", "bridge", "candle", "forest",
-         "button", "ladder", "mirror", "rocket", "silver", "tunnel", "violin", "basket", "engine",
-         "harbor", "island", "jacket", "kitten", "lemon", "marble", "needle", "pepper", "quartz",
-         "saddle", "turtle", "wallet", "anchor", "blanket", "compass", "dolphin", "feather",
-         "glacier", "horizon", "lantern", "meadow", "notebook", "puzzle", "rainbow", "sandwich",
-         "thunder", "umbrella", "volcano", "whistle", "zebra", "cabbage", "diamond"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+WORDS = [
+    "garden",
+    "river",
+    "window",
+    "planet",
+    "pencil",
+    "orange",
+    "bridge",
+    "candle",
+    "forest",
+    "button",
+    "ladder",
+    "mirror",
+    "rocket",
+    "silver",
+    "tunnel",
+    "violin",
+    "basket",
+    "engine",
+    "harbor",
+    "island",
+    "jacket",
+    "kitten",
+    "lemon",
+    "marble",
+    "needle",
+    "pepper",
+    "quartz",
+    "saddle",
+    "turtle",
+    "wallet",
+    "anchor",
+    "blanket",
+    "compass",
+    "dolphin",
+    "feather",
+    "glacier",
+    "horizon",
+    "lantern",
+    "meadow",
+    "notebook",
+    "puzzle",
+    "rainbow",
+    "sandwich",
+    "thunder",
+    "umbrella",
+    "volcano",
+    "whistle",
+    "zebra",
+    "cabbage",
+    "diamond",
+]
 # (name of the big unit, name of the small unit, factor, short big, short small)
-UNITS = [("kilometres", "metres", 1000, "km", "m"), ("metres", "centimetres", 100, "m", "cm"),
-         ("kilograms", "grams", 1000, "kg", "g"), ("hours", "minutes", 60, "h", "min"),
-         ("minutes", "seconds", 60, "min", "s"), ("litres", "millilitres", 1000, "L", "mL"),
-         ("days", "hours", 24, "d", "h"), ("weeks", "days", 7, "wk", "d")]
+UNITS = [
+    ("kilometres", "metres", 1000, "km", "m"),
+    ("metres", "centimetres", 100, "m", "cm"),
+    ("kilograms", "grams", 1000, "kg", "g"),
+    ("hours", "minutes", 60, "h", "min"),
+    ("minutes", "seconds", 60, "min", "s"),
+    ("litres", "millilitres", 1000, "L", "mL"),
+    ("days", "hours", 24, "d", "h"),
+    ("weeks", "days", 7, "wk", "d"),
+]
 
 
 def reply(answer: str, working: str) -> str:
@@ -45,44 +109,74 @@ def reply(answer: str, working: str) -> str:
 
 def addition(rng):
     a, b = rng.randint(11, 99), rng.randint(11, 99)
-    q = rng.choice(["What is {a} + {b}?", "Add {a} and {b}.", "What do you get when you add {a} to {b}?",
-                    "Compute {a} plus {b}."]).format(a=a, b=b)
+    q = rng.choice(
+        [
+            "What is {a} + {b}?",
+            "Add {a} and {b}.",
+            "What do you get when you add {a} to {b}?",
+            "Compute {a} plus {b}.",
+        ]
+    ).format(a=a, b=b)
     return q, reply(str(a + b), f"{a} + {b} = {a + b}.")
 
 
 def subtraction(rng):
     a, b = sorted((rng.randint(11, 99), rng.randint(11, 99)), reverse=True)
-    q = rng.choice(["What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?",
-                    "How much is left if you take {b} away from {a}?"]).format(a=a, b=b)
+    q = rng.choice(
+        [
+            "What is {a} - {b}?",
+            "Subtract {b} from {a}.",
+            "What is {a} minus {b}?",
+            "How much is left if you take {b} away from {a}?",
+        ]
+    ).format(a=a, b=b)
     return q, reply(str(a - b), f"{a} - {b} = {a - b}.")
 
 
 def multiplication(rng):
     a, b = rng.randint(2, 12), rng.randint(2, 12)
-    q = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}.", "What is {a} x {b}?",
-                    "What is the product of {a} and {b}?"]).format(a=a, b=b)
+    q = rng.choice(
+        [
+            "What is {a} times {b}?",
+            "Multiply {a} by {b}.",
+            "What is {a} x {b}?",
+            "What is the product of {a} and {b}?",
+        ]
+    ).format(a=a, b=b)
     return q, reply(str(a * b), f"{a} x {b} = {a * b}.")
 
 
 def conversion(rng):
     big, small, factor, sb, ss = rng.choice(UNITS)
     n = rng.randint(2, 9)
-    q = rng.choice(["How many {small} are in {n} {big}?", "Convert {n} {big} to {small}.",
-                    "{n} {big} is how many {small}?"]).format(n=n, big=big, small=small)
+    q = rng.choice(
+        [
+            "How many {small} are in {n} {big}?",
+            "Convert {n} {big} to {small}.",
+            "{n} {big} is how many {small}?",
+        ]
+    ).format(n=n, big=big, small=small)
     q = q[0].upper() + q[1:]
     return q, reply(f"{n * factor} {small}", f"{n} {sb} x {factor} {ss}/{sb} = {n * factor} {ss}.")
 
 
 def letters(rng):
     w = rng.choice(WORDS)
-    q = rng.choice(['How many letters are in the word "{w}"?', 'Count the letters in "{w}".',
-                    'How long is the word "{w}" in letters?']).format(w=w)
+    q = rng.choice(
+        [
+            'How many letters are in the word "{w}"?',
+            'Count the letters in "{w}".',
+            'How long is the word "{w}" in letters?',
+        ]
+    ).format(w=w)
     return q, reply(str(len(w)), f"{'-'.join(w)} has {len(w)} letters.")
 
 
 def first_letter(rng):
     w = rng.choice(WORDS)
-    q = rng.choice(['What is the first letter of "{w}"?', 'Which letter does "{w}" start with?']).format(w=w)
+    q = rng.choice(
+        ['What is the first letter of "{w}"?', 'Which letter does "{w}" start with?']
+    ).format(w=w)
     return q, reply(w[0], f'"{w}" begins with {w[0]}.')
 
 
@@ -92,8 +186,13 @@ def larger(rng):
     if a == b:
         b = round(b + 0.05, 2)
     big, other = (a, b) if a > b else (b, a)
-    q = rng.choice(["Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?",
-                    "Is {a} or {b} the greater number?"]).format(a=a, b=b)
+    q = rng.choice(
+        [
+            "Which is larger, {a} or {b}?",
+            "Which number is bigger: {a} or {b}?",
+            "Is {a} or {b} the greater number?",
+        ]
+    ).format(a=a, b=b)
     return q, reply(str(big), f"{big:.2f} > {other:.2f}.")
 
 
@@ -103,14 +202,18 @@ def next_day(rng):
     if k == 1:
         q = rng.choice(["What day comes after {d}?", "Which day follows {d}?"]).format(d=d)
     else:
-        q = rng.choice(["What day is it {k} days after {d}?", "If today is {d}, what day is it in {k} days?"]).format(d=d, k=k)
+        q = rng.choice(
+            ["What day is it {k} days after {d}?", "If today is {d}, what day is it in {k} days?"]
+        ).format(d=d, k=k)
     return q, reply(e, f"{d} + {k} day{'s' if k > 1 else ''} = {e}.")
 
 
 def month_after(rng):
     i, k = rng.randrange(12), rng.randint(1, 5)
     m, e = MONTHS[i], MONTHS[(i + k) % 12]
-    q = rng.choice(["What month comes {k} months after {m}?", "Which month is {k} months after {m}?"]).format(m=m, k=k)
+    q = rng.choice(
+        ["What month comes {k} months after {m}?", "Which month is {k} months after {m}?"]
+    ).format(m=m, k=k)
     if k == 1:
         q = q.replace("1 months", "1 month")
     return q, reply(e, f"{m} + {k} month{'s' if k > 1 else ''} = {e}.")
@@ -127,12 +230,25 @@ def rounding(rng):
     x = round(rng.uniform(1, 99), 3)
     # Half-up on the decimal digits as written (float formatting would round 12.25 to 12.2).
     r = str(Decimal(str(x)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
-    q = rng.choice(["Round {x} to one decimal place.", "What is {x} rounded to one decimal?"]).format(x=x)
+    q = rng.choice(
+        ["Round {x} to one decimal place.", "What is {x} rounded to one decimal?"]
+    ).format(x=x)
     return q, reply(r, f"{x} to one decimal place is {r}.")
 
 
-FAMILIES = [addition, subtraction, multiplication, conversion, letters, first_letter, larger,
-            next_day, month_after, parity, rounding]
+FAMILIES = [
+    addition,
+    subtraction,
+    multiplication,
+    conversion,
+    letters,
+    first_letter,
+    larger,
+    next_day,
+    month_after,
+    parity,
+    rounding,
+]
 
 
 def make(n: int, seed: int = 0) -> list[dict]:
@@ -146,7 +262,9 @@ def make(n: int, seed: int = 0) -> list[dict]:
             if q not in seen:
                 break
         seen.add(q)
-        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        out.append(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
     return out
 
 

@@ -28,8 +28,12 @@ def write_jsonl(path, records) -> str:
 def chat_records(n: int = 24) -> list[dict]:
     """A learnable house-style task: the answer repeats the question's number in a fixed frame."""
     return [
-        {"messages": [{"role": "user", "content": f"What is {i} plus zero?"},
-                      {"role": "assistant", "content": f"Answer: {i}\nWorking: {i} + 0 = {i}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus zero?"},
+                {"role": "assistant", "content": f"Answer: {i}\nWorking: {i} + 0 = {i}."},
+            ]
+        }
         for i in range(n)
     ]
 
@@ -41,11 +45,18 @@ def make_tokenizer(texts, vocab_size: int = 320):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -58,11 +69,19 @@ def make_tiny_model_dir(path, texts, *, hidden: int = 64, layers: int = 2, seed:
     os.makedirs(path, exist_ok=True)
     tok = make_tokenizer(texts)
     tok.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)

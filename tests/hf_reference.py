@@ -27,7 +27,9 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
     with torch.no_grad():
         out = model(
             input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long),
-            attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.long),
+            attention_mask=None
+            if mask is None
+            else torch.as_tensor(np.asarray(mask), dtype=torch.long),
         )
     return out.logits.float().numpy()
 

@@ -35,7 +35,10 @@ def test_each_format_puts_loss_on_the_answer_only(tmp_path, tok):
     assert masked_text(tok, pc) == " four<|im_end|>"  # completion and EOS
     assert tok.decode(pc.input_ids[pc.loss_mask == 0]).endswith("Q: two plus two?\nA:")
     assert masked_text(tok, alpaca) == "hi<|im_end|>"
-    assert "### Input:\nabc" in tok.decode(alpaca_in.input_ids) and masked_text(tok, alpaca_in) == "abc<|im_end|>"
+    assert (
+        "### Input:\nabc" in tok.decode(alpaca_in.input_ids)
+        and masked_text(tok, alpaca_in) == "abc<|im_end|>"
+    )
     # chat: the assistant turn and its end marker, not the user turn nor the trailing newline
     assert masked_text(tok, chat) == "Answer: 0\nWorking: 0 + 0 = 0.<|im_end|>"
     full = tok.apply_chat_template(RECORDS[4]["messages"], tokenize=False)
@@ -43,8 +46,12 @@ def test_each_format_puts_loss_on_the_answer_only(tmp_path, tok):
 
 
 def test_multi_turn_chat_masks_every_assistant_turn(tmp_path, tok):
-    msgs = [{"role": "user", "content": "What is 1 plus zero?"}, {"role": "assistant", "content": "Answer: 1"},
-            {"role": "user", "content": "What is 2 plus zero?"}, {"role": "assistant", "content": "Answer: 2"}]
+    msgs = [
+        {"role": "user", "content": "What is 1 plus zero?"},
+        {"role": "assistant", "content": "Answer: 1"},
+        {"role": "user", "content": "What is 2 plus zero?"},
+        {"role": "assistant", "content": "Answer: 2"},
+    ]
     (ex,), _ = data.load_examples(write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]), tok, 256)
     assert masked_text(tok, ex) == "Answer: 1<|im_end|>Answer: 2<|im_end|>"
 
@@ -52,8 +59,10 @@ def test_multi_turn_chat_masks_every_assistant_turn(tmp_path, tok):
 def test_chat_template_default_system_prompt_is_rendered_not_learned(tmp_path, tok):
     # Templates such as SmolLM2's add a system turn when there is none; it must get no loss.
     tok2 = make_tokenizer(texts_of(RECORDS))
-    tok2.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault helper<|im_end|>\n"
-                          "{% endif %}") + tok.chat_template
+    tok2.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault helper<|im_end|>\n"
+        "{% endif %}"
+    ) + tok.chat_template
     (ex,), _ = data.load_examples(write_jsonl(tmp_path / "c.jsonl", chat_records(1)), tok2, 256)
     assert tok2.decode(ex.input_ids).startswith("<|im_start|>system\nDefault helper")
     assert masked_text(tok2, ex) == "Answer: 0\nWorking: 0 + 0 = 0.<|im_end|>"
@@ -66,7 +75,10 @@ def test_chat_template_default_system_prompt_is_rendered_not_learned(tmp_path, t
         ("[1, 2]", "d.jsonl:2: expected a JSON object"),
         ('{"foo": 1}', "d.jsonl:2: unknown example format"),
         ('{"prompt": "a", "completion": 3}', 'd.jsonl:2: "completion" must be a string'),
-        ('{"messages": [{"role": "user", "content": "hi"}]}', "d.jsonl:2: the conversation has no assistant"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            "d.jsonl:2: the conversation has no assistant",
+        ),
         ('{"messages": [{"role": "user"}]}', "d.jsonl:2: messages[0] must be"),
     ],
 )
@@ -87,7 +99,11 @@ def test_missing_and_empty_files(tmp_path, tok):
 
 def test_long_examples_truncated_texts_windowed(tmp_path, tok):
     long_text = {"text": " ".join(["plain text is all loss"] * 20)}
-    records = [long_text, {"prompt": "Q: two plus two?\nA:" * 10, "completion": " four"}, RECORDS[1]]
+    records = [
+        long_text,
+        {"prompt": "Q: two plus two?\nA:" * 10, "completion": " four"},
+        RECORDS[1],
+    ]
     examples, stats = data.load_examples(write_jsonl(tmp_path / "l.jsonl", records), tok, 16)
     n_text = len(data.tokenize(long_text["text"], [(0, 1000)], tok, True))
     # the text becomes ceil(n/16) windows; the over-long prompt leaves no target: dropped
@@ -97,7 +113,9 @@ def test_long_examples_truncated_texts_windowed(tmp_path, tok):
 
 
 def test_split_is_disjoint_and_deterministic():
-    exs = [data.Example(np.arange(i + 2, dtype=np.int32), np.ones(i + 2, np.uint8)) for i in range(50)]
+    exs = [
+        data.Example(np.arange(i + 2, dtype=np.int32), np.ones(i + 2, np.uint8)) for i in range(50)
+    ]
     train, held = data.split_eval(exs, 0.1, seed=3)
     assert len(held) == 5 and len(train) == 45
     assert {id(e) for e in train}.isdisjoint({id(e) for e in held})
@@ -115,7 +133,10 @@ def test_batches_are_bucketed_padded_and_addressable():
         b = stream[i]
         assert b["input_ids"].shape[0] == 3 and b["input_ids"].shape[1] in data.bucket_lengths(64)
         rows = b["attention_mask"].sum(1)
-        assert b["input_ids"].shape[1] == data.bucket_lengths(64)[np.searchsorted(data.bucket_lengths(64), rows.max())]
+        assert (
+            b["input_ids"].shape[1]
+            == data.bucket_lengths(64)[np.searchsorted(data.bucket_lengths(64), rows.max())]
+        )
         for r, n in enumerate(rows):
             assert (b["input_ids"][r, :n] == n).all() and (b["input_ids"][r, n:] == 0).all()
             assert (b["loss_mask"][r, n:] == 0).all()
@@ -125,7 +146,9 @@ def test_batches_are_bucketed_padded_and_addressable():
     for i in (4, 0, 7):  # random access: the same batch whatever was read before
         assert all((again[i][k] == stream[i][k]).all() for k in stream[i])
     order = lambda i: [int(n) for n in stream[i]["attention_mask"].sum(1)]
-    assert [order(i) for i in range(3, 6)] != [order(i) for i in range(3)]  # a new epoch, a new order
+    assert [order(i) for i in range(3, 6)] != [
+        order(i) for i in range(3)
+    ]  # a new epoch, a new order
 
 
 def test_bucket_lengths_bound_the_shapes():

@@ -15,8 +15,19 @@ from jqlora.train import checkpoint as ckpt
 from jqlora.train import loop
 
 # seq_len 32 holds every example in one bucket: one compiled step per run.
-RUN = dict(batch_size=4, grad_accum=2, seq_len=32, lr=5e-3, lora_r=4, lora_alpha=8, eval_every=2, save_every=2,
-           sample=False, progress=False, log=lambda *a: None)
+RUN = dict(
+    batch_size=4,
+    grad_accum=2,
+    seq_len=32,
+    lr=5e-3,
+    lora_r=4,
+    lora_alpha=8,
+    eval_every=2,
+    save_every=2,
+    sample=False,
+    progress=False,
+    log=lambda *a: None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +55,9 @@ def whole(tiny, tmp_path_factory):
     return loop.finetune(model_dir, data, str(tmp_path_factory.mktemp("whole")), steps=5, **RUN)
 
 
-def test_run_killed_during_a_save_resumes_to_the_identical_adapter(tiny, whole, tmp_path, monkeypatch):
+def test_run_killed_during_a_save_resumes_to_the_identical_adapter(
+    tiny, whole, tmp_path, monkeypatch
+):
     model_dir, data = tiny
 
     # The second run dies while writing its step-4 checkpoint: the files are written, the
@@ -82,13 +95,45 @@ def test_cli_trains_and_writes_a_peft_adapter_that_peft_loads(tiny, tmp_path, ca
 
     model_dir, data = tiny
     out = str(tmp_path / "run")
-    argv = ["finetune", "--model", model_dir, "--data", data, "--out", out, "--steps", "4", "--batch-size", "4",
-            "--seq-len", "32", "--lr", "5e-3", "--lora-r", "4", "--lora-alpha", "8", "--quant", "none",
-            "--eval-every", "2", "--save-every", "2", "--lora-dropout", "0.1"]
+    argv = [
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "5e-3",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--quant",
+        "none",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--lora-dropout",
+        "0.1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "eval loss:" in printed and "sample before:" in printed and "sample after:" in printed
-    for name in ("adapter_model.safetensors", "adapter_config.json", "loss.png", "report.md", "metrics.jsonl"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "loss.png",
+        "report.md",
+        "metrics.jsonl",
+    ):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -118,7 +163,13 @@ def test_user_mistakes_exit_2_with_a_message(tiny, tmp_path, capsys):
     common = ["finetune", "--model", model_dir, "--steps", "1"]
     assert main(common + ["--data", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
-    assert main(common + ["--data", data, "--out", str(tmp_path / "y"), "--target-modules", "nothing_here"]) == 2
+    assert (
+        main(
+            common
+            + ["--data", data, "--out", str(tmp_path / "y"), "--target-modules", "nothing_here"]
+        )
+        == 2
+    )
     assert "nothing_here" in capsys.readouterr().err
     assert main(["finetune", "--model", str(tmp_path / "missing"), "--data", data]) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -132,9 +183,32 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
     model_dir, data = tiny
     out = str(tmp_path / "run")
     shutil.copytree(whole.out, out)
+
     def argv(r="4", *extra):
-        return ["finetune", "--model", model_dir, "--data", data, "--out", out, "--batch-size", "4", "--grad-accum", "2",
-                "--seq-len", "32", "--lr", "5e-3", "--lora-r", r, "--lora-alpha", "8", "--steps", "5", *extra]
+        return [
+            "finetune",
+            "--model",
+            model_dir,
+            "--data",
+            data,
+            "--out",
+            out,
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "5e-3",
+            "--lora-r",
+            r,
+            "--lora-alpha",
+            "8",
+            "--steps",
+            "5",
+            *extra,
+        ]
 
     assert main(argv()) == 2
     assert "pass resume=True (--resume)" in capsys.readouterr().err
@@ -146,8 +220,18 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
 @pytest.mark.slow
 def test_default_model_and_data_train_a_few_real_steps(tmp_path):
     """The default run's pieces on the real SmolLM2-135M GGUF: three steps lower the eval loss."""
-    result = loop.finetune(out=str(tmp_path / "real"), steps=3, batch_size=4, lr=1e-3, warmup_steps=0,
-                           eval_every=3, save_every=3, sample=False, progress=False, log=lambda *a: None)
+    result = loop.finetune(
+        out=str(tmp_path / "real"),
+        steps=3,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=0,
+        eval_every=3,
+        save_every=3,
+        sample=False,
+        progress=False,
+        log=lambda *a: None,
+    )
     assert result.n_train > 300 and result.n_eval > 30
     assert result.eval_loss_after < result.eval_loss_before
     assert os.path.exists(tmp_path / "real" / "adapter_model.safetensors")
@@ -169,8 +253,12 @@ def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
         f"loop.finetune({str(model_dir)!r}, {data!r}, {str(out)!r}, steps=5, mesh='data=2,fsdp=2', "
         "log=lambda *a: None, **run)\n"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_file(str(out / "adapter_model.safetensors"))
     want = load_file(os.path.join(whole.out, "adapter_model.safetensors"))

@@ -17,18 +17,31 @@ from jqlora.train.offload import offload
 
 def state(seed=0, r=2):
     k = jax.random.key(seed)
-    lora = {"q_proj": {"a": jax.random.normal(k, (r, 6)), "b": jnp.zeros((5, r)), "spec": LoraSpec(2.0, 0.1)}}
+    lora = {
+        "q_proj": {
+            "a": jax.random.normal(k, (r, 6)),
+            "b": jnp.zeros((5, r)),
+            "spec": LoraSpec(2.0, 0.1),
+        }
+    }
     opt = optax.adamw(1e-3)
-    return {"lora": lora, "opt": opt.init(lora), "bf16": jnp.arange(7, dtype=jnp.bfloat16) / 3,
-            "codes": jnp.arange(16, dtype=jnp.uint8), "rng": jax.random.key(7), "raw_rng": jax.random.PRNGKey(3),
-            "step": jnp.int32(5)}
+    return {
+        "lora": lora,
+        "opt": opt.init(lora),
+        "bf16": jnp.arange(7, dtype=jnp.bfloat16) / 3,
+        "codes": jnp.arange(16, dtype=jnp.uint8),
+        "rng": jax.random.key(7),
+        "raw_rng": jax.random.PRNGKey(3),
+        "step": jnp.int32(5),
+    }
 
 
 def same(a, b) -> bool:
     def eq(x, y):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return str(jax.random.key_impl(x)) == str(jax.random.key_impl(y)) and eq(
-                jax.random.key_data(x), jax.random.key_data(y))
+                jax.random.key_data(x), jax.random.key_data(y)
+            )
         x, y = np.asarray(x), np.asarray(y)
         return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
@@ -38,8 +51,10 @@ def same(a, b) -> bool:
 def test_round_trip_is_bit_exact(tmp_path):
     tree = state()
     path = ckpt.save_checkpoint(str(tmp_path), 3, tree, {"data_position": 6})
-    zeros = jax.tree.map(lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros_like(x),
-                         tree)
+    zeros = jax.tree.map(
+        lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros_like(x),
+        tree,
+    )
     restored, step, meta = ckpt.restore_checkpoint(path, zeros)
     assert step == 3 and meta == {"data_position": 6}
     assert same(restored, tree)
@@ -62,7 +77,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     # the next save cleans up and publishes normally; only `keep` checkpoints stay
     for s in (4, 6, 8):
         ckpt.save_checkpoint(str(tmp_path), s, state(s), {}, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["step_00000006", "step_00000008"]  # no half-written leftovers
+    assert sorted(os.listdir(tmp_path)) == [
+        "step_00000006",
+        "step_00000008",
+    ]  # no half-written leftovers
 
 
 def test_saving_a_step_again_replaces_it(tmp_path):
@@ -74,7 +92,9 @@ def test_saving_a_step_again_replaces_it(tmp_path):
 
 def test_a_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
     path = ckpt.save_checkpoint(str(tmp_path), 1, state(r=2), {})
-    with pytest.raises(ValueError, match=r"\['q_proj'\]\['a'\] \[2, 6\] does not match .* \[4, 6\]"):
+    with pytest.raises(
+        ValueError, match=r"\['q_proj'\]\['a'\] \[2, 6\] does not match .* \[4, 6\]"
+    ):
         ckpt.restore_checkpoint(path, state(r=4))
     with pytest.raises(ValueError, match="checkpoint has .* arrays, this run's state has"):
         ckpt.restore_checkpoint(path, {"lora": state()["lora"]})

@@ -17,14 +17,23 @@ from jqlora.quant import QuantizedTensor
 
 # Every linear dimension a multiple of the blocksize: bitsandbytes' CPU dequantize reads
 # absmax wrongly for rows that are a multiple of 16 but not of 64 (e.g. 96).
-LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+LLAMA = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.1,
+)
 GPT2 = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32, initializer_range=0.1)
 
 
 def bnb_config(quant_type="nf4", double_quant=True):
     return tf.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
     )
 
@@ -39,7 +48,9 @@ def exact_cpu_4bit(model):
 
 
 def load_4bit_reference(path, **kw):
-    return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(**kw), device_map="cpu")
+    return tf.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb_config(**kw), device_map="cpu"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +77,9 @@ def jq_logits(model, params, mask=MASK):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 def test_quantized_load_matches_transformers_bnb(family, quant_type, double_quant, request):
     path, _ = request.getfixturevalue(f"{family}_dir")
-    reference = exact_cpu_4bit(load_4bit_reference(path, quant_type=quant_type, double_quant=double_quant))
+    reference = exact_cpu_4bit(
+        load_4bit_reference(path, quant_type=quant_type, double_quant=double_quant)
+    )
     model, params = jqlora.load_hf(path, jqlora.QuantConfig(quant_type, 64, double_quant))
     flat = flatten(params)
     quantized = [n for n, v in flat.items() if isinstance(v, QuantizedTensor)]
@@ -83,14 +96,23 @@ def test_transformers_saved_4bit_checkpoint_loads_with_identical_bytes(llama_dir
     reference.save_pretrained(tmp_path / "bnb")  # before any forward (see exact_cpu_4bit)
     exact_cpu_4bit(reference)
     model, params = jqlora.load_hf(tmp_path / "bnb")
-    np.testing.assert_allclose(jq_logits(model, params)[MASK == 1], torch_logits(reference, IDS, MASK)[MASK == 1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        jq_logits(model, params)[MASK == 1],
+        torch_logits(reference, IDS, MASK)[MASK == 1],
+        atol=1e-4,
+        rtol=0,
+    )
     # and jqlora quantizing the float checkpoint produces the very same bytes
     _, ours = jqlora.load_hf(path, jqlora.QuantConfig())
     for name, leaf in flatten(params).items():
         if isinstance(leaf, QuantizedTensor):
             mine = flatten(ours)[name]
             for part in ("codes", "absmax", "nested_absmax", "offset"):
-                np.testing.assert_array_equal(np.asarray(getattr(mine, part)), np.asarray(getattr(leaf, part)), err_msg=f"{name}.{part}")
+                np.testing.assert_array_equal(
+                    np.asarray(getattr(mine, part)),
+                    np.asarray(getattr(leaf, part)),
+                    err_msg=f"{name}.{part}",
+                )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -99,7 +121,9 @@ def test_save_float_loads_in_transformers(family, request, tmp_path):
     model, params = jqlora.load_hf(path)
     jqlora.save_hf(tmp_path / "out", model, params)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(reloaded, IDS), jq_logits(model, params, None), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        torch_logits(reloaded, IDS), jq_logits(model, params, None), atol=1e-4, rtol=0
+    )
 
 
 def test_save_4bit_loads_in_transformers_and_back(gpt2_dir, tmp_path):
@@ -110,9 +134,13 @@ def test_save_4bit_loads_in_transformers_and_back(gpt2_dir, tmp_path):
     jqlora.save_hf(tmp_path / "out", model, params, quantization=q)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    reloaded = exact_cpu_4bit(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu"))
+    reloaded = exact_cpu_4bit(
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    )
     assert type(reloaded.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
-    np.testing.assert_allclose(torch_logits(reloaded, IDS), jq_logits(model, params, None), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        torch_logits(reloaded, IDS), jq_logits(model, params, None), atol=1e-4, rtol=0
+    )
     again, params2 = jqlora.load_hf(tmp_path / "out")
     np.testing.assert_array_equal(jq_logits(again, params2), jq_logits(model, params))
 
@@ -124,7 +152,9 @@ def test_sharded_save_and_load(llama_dir, tmp_path):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(reloaded, IDS), torch_logits(reference, IDS), atol=0, rtol=0)
+    np.testing.assert_allclose(
+        torch_logits(reloaded, IDS), torch_logits(reference, IDS), atol=0, rtol=0
+    )
     again, params2 = jqlora.load_hf(tmp_path / "out")
     np.testing.assert_array_equal(jq_logits(again, params2), jq_logits(model, params))
 
@@ -151,7 +181,12 @@ def test_quantize_cli_matches_transformers_quantizing_itself(llama_dir, tmp_path
     from jqlora.cli import main
 
     path, _ = llama_dir
-    assert main(["quantize", str(path), str(tmp_path / "q"), "--quant-type", "fp4", "--no-double-quant"]) == 0
+    assert (
+        main(
+            ["quantize", str(path), str(tmp_path / "q"), "--quant-type", "fp4", "--no-double-quant"]
+        )
+        == 0
+    )
     ours = exact_cpu_4bit(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu"))
     theirs = exact_cpu_4bit(load_4bit_reference(path, quant_type="fp4", double_quant=False))
     np.testing.assert_array_equal(torch_logits(ours, IDS), torch_logits(theirs, IDS))

@@ -15,8 +15,13 @@ import jqlora
 from jqlora.models import model_for_config
 
 CONFIG = {
-    "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
 }
 
 
@@ -33,7 +38,9 @@ def variant(good, tmp_path, *, config=None, edit=None):
     path = tmp_path / "ckpt"
     shutil.copytree(good, path)
     if config is not None:
-        (path / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), **config}))
+        (path / "config.json").write_text(
+            json.dumps({**json.loads((good / "config.json").read_text()), **config})
+        )
     if edit is not None:
         tensors = load_file(path / "model.safetensors")
         edit(tensors)
@@ -47,25 +54,39 @@ def test_the_good_checkpoint_loads(good):
 
 
 def test_unsupported_model_type_lists_supported(good, tmp_path):
-    with pytest.raises(ValueError, match=r"config.json: unsupported model_type 'bert'; supported: gpt2, llama, mistral, opt, qwen2"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.json: unsupported model_type 'bert'; supported: gpt2, llama, mistral, opt, qwen2",
+    ):
         jqlora.load_hf(variant(good, tmp_path, config={"model_type": "bert"}))
 
 
 def test_missing_tensor(good, tmp_path):
     path = variant(good, tmp_path, edit=lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
-    with pytest.raises(ValueError, match=r"missing tensor\(s\) 'model.layers.0.mlp.up_proj.weight'"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor\(s\) 'model.layers.0.mlp.up_proj.weight'"
+    ):
         jqlora.load_hf(path)
 
 
 def test_unexpected_tensor(good, tmp_path):
-    path = variant(good, tmp_path, edit=lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(ValueError, match=r"model.safetensors: unexpected tensor 'model.layers.0.mlp.extra.weight'"):
+    path = variant(
+        good,
+        tmp_path,
+        edit=lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}),
+    )
+    with pytest.raises(
+        ValueError, match=r"model.safetensors: unexpected tensor 'model.layers.0.mlp.extra.weight'"
+    ):
         jqlora.load_hf(path)
 
 
 def test_shape_disagrees_with_config(good, tmp_path):
     path = variant(good, tmp_path, config={"intermediate_size": 48})
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' has shape .* config.json implies"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' has shape .* config.json implies",
+    ):
         jqlora.load_hf(path)
 
 
@@ -82,7 +103,14 @@ def test_truncated_safetensors(good, tmp_path):
     [
         ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not supported"),
         ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "only 4-bit bitsandbytes"),
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}, "quant_storage 'bfloat16'"),
+        (
+            {
+                "quant_method": "bitsandbytes",
+                "load_in_4bit": True,
+                "bnb_4bit_quant_storage": "bfloat16",
+            },
+            "quant_storage 'bfloat16'",
+        ),
     ],
 )
 def test_unsupported_quantization_config(good, tmp_path, qc, message):

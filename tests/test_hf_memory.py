@@ -12,8 +12,13 @@ import textwrap
 import numpy as np
 
 CONFIG = {
-    "model_type": "llama", "vocab_size": 512, "hidden_size": 512, "intermediate_size": 1024,
-    "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 8,
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
     "tie_word_embeddings": True,
 }
 
@@ -67,10 +72,14 @@ def write_checkpoint(path):
 
 def test_quantized_loading_peak_memory(tmp_path):
     largest, total_float = write_checkpoint(tmp_path)
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     quantized, peak = result["kept"], result["peak_increase"]
     assert quantized < total_float / 5  # the model really is stored in 4 bits
     bound = 1.5 * quantized + largest
-    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB (quantized {quantized / 2**20:.1f} MiB)"
+    assert peak <= bound, (
+        f"peak {peak / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB (quantized {quantized / 2**20:.1f} MiB)"
+    )

@@ -54,8 +54,14 @@ def test_rank_and_alpha_patterns_are_peft():
     alpha_pattern = {r".*\.10\..*": 7.0, "up_proj": 1.5}
     cfg = LoraConfig(r=4, alpha=8, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     for key in KEYS:
-        r_key, a_key = get_pattern_key(rank_pattern.keys(), key), get_pattern_key(alpha_pattern.keys(), key)
-        assert cfg.rank_and_alpha(key) == (rank_pattern.get(r_key, 4), alpha_pattern.get(a_key, 8)), key
+        r_key, a_key = (
+            get_pattern_key(rank_pattern.keys(), key),
+            get_pattern_key(alpha_pattern.keys(), key),
+        )
+        assert cfg.rank_and_alpha(key) == (
+            rank_pattern.get(r_key, 4),
+            alpha_pattern.get(a_key, 8),
+        ), key
 
 
 def _tree(state_dict) -> dict:
@@ -71,21 +77,41 @@ def _tree(state_dict) -> dict:
 
 def _peft_targets(model, config: peft.LoraConfig) -> set[str]:
     wrapped = peft.get_peft_model(model, config)
-    return {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A")
-            and "default" in m.lora_A}
+    return {
+        n.removeprefix("base_model.model.")
+        for n, m in wrapped.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
 
 
 TINY = {
-    "llama": lambda: transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16),
-    "opt": lambda: transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
-                                          num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=16),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=16,
+    ),
 }
 
 
 @pytest.mark.parametrize("family", TINY)
-@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj", "c_attn"], r".*\.1\..*(proj|fc)"], ids=str)
+@pytest.mark.parametrize(
+    "targets", ["all-linear", ["q_proj", "v_proj", "c_attn"], r".*\.1\..*(proj|fc)"], ids=str
+)
 def test_selected_modules_are_peft_on_tiny_transformers(family, targets):
     """all-linear, a name list and a regex select exactly the modules peft adapts (lm_head and embeddings left out)."""
     torch.manual_seed(0)
@@ -96,7 +122,9 @@ def test_selected_modules_are_peft_on_tiny_transformers(family, targets):
     elif isinstance(targets, list):
         targets = ["q_proj", "v_proj"]
     expected = _peft_targets(model, peft.LoraConfig(r=2, target_modules=targets))
-    assert {dotted(p) for p in select_targets(params, LoraConfig(r=2, target_modules=targets))} == expected
+    assert {
+        dotted(p) for p in select_targets(params, LoraConfig(r=2, target_modules=targets))
+    } == expected
 
 
 def test_attention_only_helper():
@@ -104,7 +132,9 @@ def test_attention_only_helper():
     assert cfg.target_modules == ("q_proj", "v_proj") and cfg.r == 4
     assert LoraConfig.attention_only(("c_attn",)).target_modules == ("c_attn",)
     # hashable (a static jit argument), patterns included
-    assert hash(LoraConfig(rank_pattern={"q_proj": 2})) == hash(LoraConfig(rank_pattern={"q_proj": 2}))
+    assert hash(LoraConfig(rank_pattern={"q_proj": 2})) == hash(
+        LoraConfig(rank_pattern={"q_proj": 2})
+    )
 
 
 # --- bad input ------------------------------------------------------------------------
@@ -124,7 +154,10 @@ def test_attention_only_helper():
         (dict(target_modules="(q_proj"), "not a valid regex"),
         (dict(init="kaiming"), "unknown init"),
         (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
-        (dict(alpha_pattern={"q_proj": -2}), r"alpha_pattern\['q_proj'\] must be a positive number"),
+        (
+            dict(alpha_pattern={"q_proj": -2}),
+            r"alpha_pattern\['q_proj'\] must be a positive number",
+        ),
         (dict(loftq_iter=0), "loftq_iter"),
     ],
 )
@@ -139,8 +172,12 @@ def _params():
     return {
         "model": {
             "embed_tokens": {"weight": w(50, 16)},
-            "layers": {"0": {"self_attn": {"q_proj": {"weight": w(16, 16)}, "v_proj": {"weight": w(4, 16)}},
-                             "input_layernorm": {"weight": w(16)}}},
+            "layers": {
+                "0": {
+                    "self_attn": {"q_proj": {"weight": w(16, 16)}, "v_proj": {"weight": w(4, 16)}},
+                    "input_layernorm": {"weight": w(16)},
+                }
+            },
             "norm": {"weight": w(16)},
         },
         "lm_head": {"weight": w(50, 16)},
@@ -148,8 +185,11 @@ def _params():
 
 
 def test_pattern_matching_nothing_lists_the_modules():
-    with pytest.raises(ValueError, match=r"matched no linear layer.*\['lm_head', 'q_proj', 'v_proj'\]"
-                                         r".*model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        ValueError,
+        match=r"matched no linear layer.*\['lm_head', 'q_proj', 'v_proj'\]"
+        r".*model\.layers\.0\.self_attn\.q_proj",
+    ):
         init_lora(jax.random.key(0), _params(), LoraConfig(target_modules=["qkv"]))
     with pytest.raises(ValueError, match="matched no linear layer"):
         init_lora(jax.random.key(0), _params(), LoraConfig(target_modules=r"layers\.1\..*"))
@@ -158,12 +198,16 @@ def test_pattern_matching_nothing_lists_the_modules():
 def test_targeting_an_embedding_or_norm_is_an_error():
     with pytest.raises(ValueError, match="'model.embed_tokens', which is an embedding"):
         init_lora(jax.random.key(0), _params(), LoraConfig(target_modules=["embed_tokens"]))
-    with pytest.raises(ValueError, match=r"'model.norm', which is not a linear layer \(weight shape \(16,\)\)"):
+    with pytest.raises(
+        ValueError, match=r"'model.norm', which is not a linear layer \(weight shape \(16,\)\)"
+    ):
         init_lora(jax.random.key(0), _params(), LoraConfig(target_modules=["norm"]))
 
 
 def test_rank_above_a_layer_dimension():
-    with pytest.raises(ValueError, match=r"r=8 for 'model.layers.0.self_attn.v_proj' exceeds .* \[out=4, in=16\]"):
+    with pytest.raises(
+        ValueError, match=r"r=8 for 'model.layers.0.self_attn.v_proj' exceeds .* \[out=4, in=16\]"
+    ):
         init_lora(jax.random.key(0), _params(), LoraConfig(r=8))
     lora = init_lora(jax.random.key(0), _params(), LoraConfig(r=8, rank_pattern={"v_proj": 4}))
     assert lora["model"]["layers"]["0"]["self_attn"]["v_proj"]["a"].shape == (4, 16)
@@ -186,10 +230,16 @@ def _q(lora):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda e: e.update(a=jnp.zeros((2, 15))), r"a \(2, 15\) and b \(16, 2\) do not fit the weight"),
+        (
+            lambda e: e.update(a=jnp.zeros((2, 15))),
+            r"a \(2, 15\) and b \(16, 2\) do not fit the weight",
+        ),
         (lambda e: e.update(b=jnp.zeros((16, 3))), r"a \(2, 16\) and b \(16, 3\) do not fit"),
         (lambda e: e.update(a=jnp.zeros((2, 16), jnp.int32)), "'a' must be a 2-D float array"),
-        (lambda e: e.update(magnitude=jnp.zeros(4)), r"DoRA magnitude has shape \(4,\), expected \(16,\)"),
+        (
+            lambda e: e.update(magnitude=jnp.zeros(4)),
+            r"DoRA magnitude has shape \(4,\), expected \(16,\)",
+        ),
         (lambda e: e.pop("spec"), r"missing \['spec'\]"),
         (lambda e: e.update(spec=2.0), "'spec' is a float, not a LoraSpec"),
         (lambda e: e.update(c=jnp.zeros(1)), r"unexpected \['c'\]"),
@@ -199,17 +249,31 @@ def test_check_lora_rejects_mismatched_trees(corrupt, message):
     params, lora = _params(), _good_lora()
     check_lora(params, lora)
     corrupt(_q(lora))
-    with pytest.raises(ValueError, match=r"lora entry 'model.layers.0.self_attn.q_proj': " + message):
+    with pytest.raises(
+        ValueError, match=r"lora entry 'model.layers.0.self_attn.q_proj': " + message
+    ):
         check_lora(params, lora)
 
 
 def test_check_lora_rejects_paths_params_lack():
     lora = {"model": {"layers": {"1": {"self_attn": {"q_proj": _q(_good_lora())}}}}}
-    with pytest.raises(ValueError, match=r"no module in params: no '1' under model.layers \(there: \['0'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"no module in params: no '1' under model.layers \(there: \['0'\]\)"
+    ):
         check_lora(_params(), lora)
     with pytest.raises(ValueError, match="no linear 'weight'"):
-        check_lora(_params(), {"model": {"norm": {"a": jnp.zeros((1, 16)), "b": jnp.zeros((16, 1)),
-                                                  "spec": LoraSpec(1.0)}}})
+        check_lora(
+            _params(),
+            {
+                "model": {
+                    "norm": {
+                        "a": jnp.zeros((1, 16)),
+                        "b": jnp.zeros((16, 1)),
+                        "spec": LoraSpec(1.0),
+                    }
+                }
+            },
+        )
     with pytest.raises(ValueError, match="adapter entry"):
         check_lora(_params(), {"model": jnp.zeros(3)})
 
@@ -226,8 +290,13 @@ def test_stacked_layers_get_stacked_adapters():
     """A weight [L, out, in] (layers under nn.scan) gets a [L, r, in], b [L, out, r], magnitude [L, out]."""
     w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 16)), jnp.float32)
     # a stacked norm scale is 2-D too, and is not a linear layer
-    params = {"layers": {"mlp": {"up_proj": {"weight": w}}, "post_attention_layernorm": {"weight": w[:, 0]},
-                         "ln_1": {"weight": w[:, 0]}}}
+    params = {
+        "layers": {
+            "mlp": {"up_proj": {"weight": w}},
+            "post_attention_layernorm": {"weight": w[:, 0]},
+            "ln_1": {"weight": w[:, 0]},
+        }
+    }
     lora = init_lora(jax.random.key(0), params, LoraConfig(r=2, use_dora=True))
     assert list(lora["layers"]) == ["mlp"]
     e = lora["layers"]["mlp"]["up_proj"]

@@ -38,10 +38,14 @@ def tiny(tmp_path_factory):
 
 def _peft(model_dir, **kw):
     kw.setdefault("init_lora_weights", False)
-    return peft.get_peft_model(load_torch(model_dir), peft.LoraConfig(r=4, lora_alpha=8, **kw)).eval()
+    return peft.get_peft_model(
+        load_torch(model_dir), peft.LoraConfig(r=4, lora_alpha=8, **kw)
+    ).eval()
 
 
-@pytest.mark.parametrize("family, use_dora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)])
+@pytest.mark.parametrize(
+    "family, use_dora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
+)
 def test_all_linear_adapter_and_merge_match_peft(tiny, family, use_dora):
     """all-linear selects peft's modules; adapted and merged logits equal peft's (GPT-2: Conv1D, transposed)."""
     d, model, params = tiny(family)
@@ -50,12 +54,16 @@ def test_all_linear_adapter_and_merge_match_peft(tiny, family, use_dora):
     ours = init_lora(jax.random.key(0), params, LoraConfig(r=4, alpha=8, use_dora=use_dora))
     assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, lora)
     adapted = torch_logits(ref, IDS)
-    np.testing.assert_allclose(jqlora_logits(model, params, IDS, lora), adapted, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jqlora_logits(model, params, IDS, lora), adapted, atol=1e-4, rtol=1e-4
+    )
     merged = merge_lora(params, lora)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft: fan_in_fan_out for Conv1D
         merged_ref = ref.merge_and_unload()
-    np.testing.assert_allclose(jqlora_logits(model, merged, IDS), torch_logits(merged_ref, IDS), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jqlora_logits(model, merged, IDS), torch_logits(merged_ref, IDS), atol=1e-4, rtol=1e-4
+    )
     np.testing.assert_allclose(jqlora_logits(model, merged, IDS), adapted, atol=1e-4, rtol=1e-4)
 
 
@@ -69,12 +77,18 @@ def test_attention_only_on_llama(tiny):
 def test_pissa_llama_matches_peft_and_starts_at_the_float_model(tiny):
     d, model, params = tiny("llama")
     ref = _peft(d, target_modules="all-linear", init_lora_weights="pissa")
-    new_params, lora = init_lora_and_residual(jax.random.key(0), params, LoraConfig(r=4, alpha=8, init="pissa"))
+    new_params, lora = init_lora_and_residual(
+        jax.random.key(0), params, LoraConfig(r=4, alpha=8, init="pissa")
+    )
     float_logits = jqlora_logits(model, params, IDS)
-    np.testing.assert_allclose(jqlora_logits(model, new_params, IDS, lora), float_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jqlora_logits(model, new_params, IDS, lora), float_logits, atol=1e-4, rtol=1e-4
+    )
     np.testing.assert_allclose(torch_logits(ref, IDS), float_logits, atol=1e-4, rtol=1e-4)
     q_ref = ref.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().numpy()
-    np.testing.assert_allclose(new_params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"], q_ref, atol=1e-5)
+    np.testing.assert_allclose(
+        new_params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"], q_ref, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("init", ["pissa", "loftq"])
@@ -85,9 +99,12 @@ def test_qlora_residual_base_is_closer_to_the_float_model(tiny, init):
     float_logits = jqlora_logits(model, params, IDS)
     _, nf4 = jqlora.load_hf(d, quantization=quant)
     plain = np.abs(jqlora_logits(model, nf4, IDS) - float_logits).mean()
-    new_params, lora = init_lora_and_residual(jax.random.key(0), params, LoraConfig(r=8, alpha=16, init=init),
-                                              quantization=quant)
+    new_params, lora = init_lora_and_residual(
+        jax.random.key(0), params, LoraConfig(r=8, alpha=16, init=init), quantization=quant
+    )
     leaves = jax.tree.leaves(new_params, is_leaf=lambda v: isinstance(v, jqlora.QuantizedTensor))
-    assert sum(isinstance(v, jqlora.QuantizedTensor) for v in leaves) == 14  # 7 linear layers x 2, not lm_head
+    assert (
+        sum(isinstance(v, jqlora.QuantizedTensor) for v in leaves) == 14
+    )  # 7 linear layers x 2, not lm_head
     ours = np.abs(jqlora_logits(model, new_params, IDS, lora) - float_logits).mean()
     assert ours < 0.8 * plain, (ours, plain)

@@ -54,7 +54,9 @@ class _Attn(nn.Module):
 class _Mlp(nn.Module):
     @nn.compact
     def __call__(self, y):
-        return Linear(D, use_bias=True, name="down_proj")(nn.gelu(Linear(H, name="up_proj")(y), approximate=False))
+        return Linear(D, use_bias=True, name="down_proj")(
+            nn.gelu(Linear(H, name="up_proj")(y), approximate=False)
+        )
 
 
 class FlaxBlock(nn.Module):
@@ -93,7 +95,9 @@ def lora_from_peft(model, scale_of, dora=False) -> dict:
             "spec": LoraSpec(scale=module.scaling["default"]),
         }
         if dora:
-            entry["magnitude"] = jnp.asarray(module.lora_magnitude_vector["default"].weight.detach().numpy())
+            entry["magnitude"] = jnp.asarray(
+                module.lora_magnitude_vector["default"].weight.detach().numpy()
+            )
         node = lora
         for p in name.split("."):
             node = node.setdefault(p, {})
@@ -127,17 +131,28 @@ def run_torch(model, x):
 def test_init_statistics_match_peft(init):
     """A drawn as peft draws it (same law: KS test against peft's own sample), B zero."""
     r = 16
-    ref = peft_model(torch_model(), r=r, lora_alpha=32, target_modules=["up_proj", "down_proj"],
-                     init_lora_weights=True if init == "default" else "gaussian")
+    ref = peft_model(
+        torch_model(),
+        r=r,
+        lora_alpha=32,
+        target_modules=["up_proj", "down_proj"],
+        init_lora_weights=True if init == "default" else "gaussian",
+    )
     params = params_of(torch_model())
-    lora = init_lora(jax.random.key(0), params, LoraConfig(r=r, alpha=32, init=init,
-                                                            target_modules=["up_proj", "down_proj"]))
+    lora = init_lora(
+        jax.random.key(0),
+        params,
+        LoraConfig(r=r, alpha=32, init=init, target_modules=["up_proj", "down_proj"]),
+    )
     for name, fan_in in (("up_proj", D), ("down_proj", H)):
         peft_layer = getattr(ref.base_model.model.mlp, name)
         a_ref = peft_layer.lora_A["default"].weight.detach().numpy().ravel()
         entry = lora["mlp"][name]
         a = np.asarray(entry["a"]).ravel()
-        assert entry["a"].shape == (r, fan_in) and entry["b"].shape == (D if name == "down_proj" else H, r)
+        assert entry["a"].shape == (r, fan_in) and entry["b"].shape == (
+            D if name == "down_proj" else H,
+            r,
+        )
         assert not np.any(np.asarray(entry["b"])) and not peft_layer.lora_B["default"].weight.any()
         assert entry["spec"] == LoraSpec(scale=2.0)
         if init == "default":  # kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
@@ -165,8 +180,12 @@ def test_init_leaves_model_unchanged_and_is_per_layer():
 FORWARD_CASES = {
     "lora": dict(r=4, lora_alpha=8),
     "rslora": dict(r=4, lora_alpha=8, use_rslora=True),
-    "patterns": dict(r=4, lora_alpha=8, rank_pattern={"up_proj": 2, "attn.v_proj": 6},
-                     alpha_pattern={"down_proj": 3}),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"up_proj": 2, "attn.v_proj": 6},
+        alpha_pattern={"down_proj": 3},
+    ),
     "dora": dict(r=4, lora_alpha=8, use_dora=True),
     "dora_rslora": dict(r=8, lora_alpha=4, use_dora=True, use_rslora=True),
 }
@@ -182,9 +201,14 @@ def test_forward_matches_peft(case):
     x = x_input()
     np.testing.assert_allclose(run_flax(params, lora, x), run_torch(ref, x), atol=2e-5, rtol=1e-5)
     # the config gives the same shapes and scales as peft for every module
-    cfg = LoraConfig(r=kw["r"], alpha=kw["lora_alpha"], use_rslora=kw.get("use_rslora", False),
-                     use_dora=kw.get("use_dora", False), rank_pattern=kw.get("rank_pattern", {}),
-                     alpha_pattern=kw.get("alpha_pattern", {}))
+    cfg = LoraConfig(
+        r=kw["r"],
+        alpha=kw["lora_alpha"],
+        use_rslora=kw.get("use_rslora", False),
+        use_dora=kw.get("use_dora", False),
+        rank_pattern=kw.get("rank_pattern", {}),
+        alpha_pattern=kw.get("alpha_pattern", {}),
+    )
     ours = init_lora(jax.random.key(0), params, cfg)
     assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, lora)
 
@@ -206,13 +230,23 @@ def test_dora_magnitude_and_gradients_match_peft():
     x = x_input()
     run_torch_loss = ref(torch.from_numpy(x)).square().sum()
     run_torch_loss.backward()
-    grads = jax.grad(lambda tree: jnp.sum(FlaxBlock().apply({"params": params, "lora": tree}, jnp.asarray(x)) ** 2))(lora)
+    grads = jax.grad(
+        lambda tree: jnp.sum(
+            FlaxBlock().apply({"params": params, "lora": tree}, jnp.asarray(x)) ** 2
+        )
+    )(lora)
     for path in (("attn", "v_proj"), ("mlp", "up_proj")):
         layer = ref.base_model.model.get_submodule(".".join(path))
         g = grads[path[0]][path[1]]
-        np.testing.assert_allclose(g["magnitude"], layer.lora_magnitude_vector["default"].weight.grad, rtol=2e-4, atol=1e-5)
-        np.testing.assert_allclose(g["a"], layer.lora_A["default"].weight.grad, rtol=2e-4, atol=1e-5)
-        np.testing.assert_allclose(g["b"], layer.lora_B["default"].weight.grad, rtol=2e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            g["magnitude"], layer.lora_magnitude_vector["default"].weight.grad, rtol=2e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            g["a"], layer.lora_A["default"].weight.grad, rtol=2e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            g["b"], layer.lora_B["default"].weight.grad, rtol=2e-4, atol=1e-5
+        )
 
 
 class _FixedDropout(torch.nn.Module):
@@ -228,8 +262,14 @@ class _FixedDropout(torch.nn.Module):
 def test_dropout_branch_matches_peft(use_dora):
     """In training with dropout, only the LoRA input is dropped (DoRA: peft's x_d W^T term)."""
     rate = 0.3
-    ref = peft_model(torch_model(), r=4, lora_alpha=8, lora_dropout=rate, use_dora=use_dora,
-                     target_modules=["up_proj"]).train()
+    ref = peft_model(
+        torch_model(),
+        r=4,
+        lora_alpha=8,
+        lora_dropout=rate,
+        use_dora=use_dora,
+        target_modules=["up_proj"],
+    ).train()
     layer = ref.base_model.model.mlp.up_proj
     x = np.random.default_rng(3).normal(size=(6, D)).astype(np.float32)
     keep = np.random.default_rng(4).random((6, D)) > rate
@@ -249,10 +289,14 @@ def test_dropout_branch_matches_peft(use_dora):
 
 def test_dropout_needs_rng_and_has_the_right_rate():
     params = params_of(torch_model())
-    lora = init_lora(jax.random.key(0), params, LoraConfig(r=4, dropout=0.5, target_modules=["q_proj"]))
+    lora = init_lora(
+        jax.random.key(0), params, LoraConfig(r=4, dropout=0.5, target_modules=["q_proj"])
+    )
     lora["attn"]["q_proj"]["b"] = jnp.ones_like(lora["attn"]["q_proj"]["b"])
     x = x_input()
-    assert np.array_equal(run_flax(params, lora, x), run_flax(params, lora, x))  # no rng: no dropout
+    assert np.array_equal(
+        run_flax(params, lora, x), run_flax(params, lora, x)
+    )  # no rng: no dropout
     a = run_flax(params, lora, x, rngs={"dropout": jax.random.key(1)})
     b = run_flax(params, lora, x, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
@@ -263,14 +307,18 @@ def test_dropout_needs_rng_and_has_the_right_rate():
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_matches_peft_merge_and_unload(use_dora):
-    ref = peft_model(torch_model(), r=4, lora_alpha=8, use_dora=use_dora, target_modules="all-linear")
+    ref = peft_model(
+        torch_model(), r=4, lora_alpha=8, use_dora=use_dora, target_modules="all-linear"
+    )
     params = params_of(torch_model())
     lora = lora_from_peft(ref, None, dora=use_dora)
     x = x_input()
     unmerged = run_flax(params, lora, x)
     merged_ref = params_of(ref.merge_and_unload())
     merged = merge_lora(params, lora)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), merged, merged_ref)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), merged, merged_ref
+    )
     np.testing.assert_allclose(run_flax(merged, None, x), unmerged, atol=2e-5, rtol=1e-5)
     bf16 = merge_lora(params, lora, dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(bf16))
@@ -285,11 +333,13 @@ def test_merge_into_4bit_base_is_float_and_requantize_matches_peft():
     base = torch_model()
     params = params_of(base)
     qparams = jax.tree_util.tree_map_with_path(
-        lambda p, w: jqlora.quantize(w, "nf4", 64, True) if p[-1].key == "weight" else w, params)
+        lambda p, w: jqlora.quantize(w, "nf4", 64, True) if p[-1].key == "weight" else w, params
+    )
 
     def linear4bit(i, o, bias):
-        return bnb.nn.Linear4bit(i, o, bias=bias, compute_dtype=torch.float32, quant_type="nf4",
-                                 compress_statistics=True)
+        return bnb.nn.Linear4bit(
+            i, o, bias=bias, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True
+        )
 
     qbase = torch_model(linear=linear4bit)
     qbase.load_state_dict(base.state_dict())  # quantizes on the CPU as transformers would
@@ -303,16 +353,23 @@ def test_merge_into_4bit_base_is_float_and_requantize_matches_peft():
     for name in ("q_proj",):
         w = ref.base_model.model.attn.q_proj.base_layer.weight
         np.testing.assert_array_equal(
-            np.asarray(qparams["attn"][name]["weight"].codes).ravel(), w.data.numpy().ravel())
+            np.asarray(qparams["attn"][name]["weight"].codes).ravel(), w.data.numpy().ravel()
+        )
     x = x_input()
     merged = merge_lora(qparams, lora)
-    assert not any(isinstance(v, jqlora.QuantizedTensor) for v in jax.tree.leaves(
-        merged, is_leaf=lambda v: isinstance(v, jqlora.QuantizedTensor)))
-    np.testing.assert_allclose(run_flax(merged, None, x), run_flax(qparams, lora, x), atol=2e-5, rtol=1e-5)
+    assert not any(
+        isinstance(v, jqlora.QuantizedTensor)
+        for v in jax.tree.leaves(merged, is_leaf=lambda v: isinstance(v, jqlora.QuantizedTensor))
+    )
+    np.testing.assert_allclose(
+        run_flax(merged, None, x), run_flax(qparams, lora, x), atol=2e-5, rtol=1e-5
+    )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        requant = merge_lora(qparams, lora, requantize=settings_of(qparams["attn"]["q_proj"]["weight"]))
+        requant = merge_lora(
+            qparams, lora, requantize=settings_of(qparams["attn"]["q_proj"]["weight"])
+        )
     assert any("lossy" in str(w.message) for w in caught)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,9 +378,11 @@ def test_merge_into_4bit_base_is_float_and_requantize_matches_peft():
         ours = requant[path[0]][path[1]]["weight"]
         theirs = ref_merged.get_submodule(".".join(path)).weight
         np.testing.assert_array_equal(np.asarray(ours.codes).ravel(), theirs.data.numpy().ravel())
-        np.testing.assert_allclose(jqlora.dequantize(ours, jnp.float32),
-                                   bnb.functional.dequantize_4bit(theirs.data, theirs.quant_state).numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            jqlora.dequantize(ours, jnp.float32),
+            bnb.functional.dequantize_4bit(theirs.data, theirs.quant_state).numpy(),
+            atol=1e-6,
+        )
     assert requant["attn"]["v_proj"]["weight"] is qparams["attn"]["v_proj"]["weight"]  # untouched
 
 
@@ -343,7 +402,9 @@ def test_dora_on_nf4_base_matches_peft():
     holder.is_loaded_in_4bit = True
     ref = peft_model(holder, r=4, lora_alpha=8, use_dora=True, target_modules=["up_proj"])
     entry = lora_from_peft(ref, None, dora=True)["up_proj"]
-    w = jqlora.quantize(jnp.asarray(float_layer.weight.detach().numpy()), "nf4", 64, double_quant=True)
+    w = jqlora.quantize(
+        jnp.asarray(float_layer.weight.detach().numpy()), "nf4", 64, double_quant=True
+    )
     np.testing.assert_array_equal(np.asarray(w.codes).ravel(), layer.weight.data.numpy().ravel())
     x = x_input()
     got = Linear(H).apply({"params": {"weight": w}, "lora": entry}, jnp.asarray(x))
@@ -351,5 +412,8 @@ def test_dora_on_nf4_base_matches_peft():
         expected = ref.base_model.model.up_proj(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, atol=3e-5, rtol=1e-5)
     ours = init_lora(jax.random.key(0), {"up_proj": {"weight": w}}, LoraConfig(r=4, use_dora=True))
-    np.testing.assert_allclose(ours["up_proj"]["magnitude"],
-                               jnp.linalg.norm(jqlora.dequantize(w, jnp.float32), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        ours["up_proj"]["magnitude"],
+        jnp.linalg.norm(jqlora.dequantize(w, jnp.float32), axis=1),
+        rtol=1e-6,
+    )

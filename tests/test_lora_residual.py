@@ -61,14 +61,18 @@ def test_pissa_matches_peft(use_dora):
     kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=use_dora)
     ref = peft_model(decaying_model(), init_lora_weights="pissa", **kw)
     params = params_of(decaying_model())
-    config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], init="pissa", use_dora=use_dora)
+    config = LoraConfig(
+        r=4, alpha=8, target_modules=["q_proj", "down_proj"], init="pissa", use_dora=use_dora
+    )
     new_params, lora = init_lora_and_residual(jax.random.key(0), params, config)
     ref_lora = lora_from_peft(ref, None, dora=use_dora)
     for path in (("attn", "q_proj"), ("mlp", "down_proj")):
         e, r = lora[path[0]][path[1]], ref_lora[path[0]][path[1]]
         assert_same_factors(e["a"], e["b"], r["a"], r["b"])
         resid = new_params[path[0]][path[1]]["weight"]
-        ref_resid = ref.base_model.model.get_submodule(".".join(path)).base_layer.weight.detach().numpy()
+        ref_resid = (
+            ref.base_model.model.get_submodule(".".join(path)).base_layer.weight.detach().numpy()
+        )
         np.testing.assert_allclose(resid, ref_resid, atol=2e-5)
         if use_dora:
             np.testing.assert_allclose(e["magnitude"], r["magnitude"], rtol=1e-5)
@@ -97,14 +101,25 @@ def test_pissa_niter_is_close_to_peft_and_exact():
 
     The spectrum decays fast, so 4 subspace iterations from any start converge to ~1e-5.
     """
-    ref = peft_model(decaying_model(decay=0.3), r=4, lora_alpha=4, target_modules=["up_proj"], init_lora_weights="pissa_niter_4")
+    ref = peft_model(
+        decaying_model(decay=0.3),
+        r=4,
+        lora_alpha=4,
+        target_modules=["up_proj"],
+        init_lora_weights="pissa_niter_4",
+    )
     params = params_of(decaying_model(decay=0.3))
     new_params, lora = init_lora_and_residual(
-        jax.random.key(0), params, LoraConfig(r=4, alpha=4, target_modules=["up_proj"], init="pissa_niter_4"))
+        jax.random.key(0),
+        params,
+        LoraConfig(r=4, alpha=4, target_modules=["up_proj"], init="pissa_niter_4"),
+    )
     e, r = lora["mlp"]["up_proj"], lora_from_peft(ref, None)["mlp"]["up_proj"]
     np.testing.assert_allclose(e["b"] @ e["a"], r["b"] @ r["a"], atol=1e-4)
     w = params["mlp"]["up_proj"]["weight"]
-    np.testing.assert_allclose(new_params["mlp"]["up_proj"]["weight"] + e["b"] @ e["a"], w, atol=1e-5)
+    np.testing.assert_allclose(
+        new_params["mlp"]["up_proj"]["weight"] + e["b"] @ e["a"], w, atol=1e-5
+    )
 
 
 def peft_loftq_on_cpu(weight: torch.Tensor, reduced_rank: int, num_iter: int):
@@ -112,7 +127,9 @@ def peft_loftq_on_cpu(weight: torch.Tensor, reduced_rank: int, num_iter: int):
     weight = weight.to(torch.float32)
     res = weight.clone()
     for i in range(num_iter):
-        qweight = bnb.nn.Params4bit(res, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+        qweight = bnb.nn.Params4bit(
+            res, requires_grad=False, compress_statistics=False, quant_type="nf4"
+        ).to("cpu")
         dequantized = bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state)
         res = weight - dequantized
         out = _low_rank_decomposition(res, reduced_rank=reduced_rank)
@@ -129,7 +146,9 @@ def test_loftq_matches_peft_formula(num_iter):
     w = torch.randn(H, D) * 0.05
     qweight, r_ref, l_ref = peft_loftq_on_cpu(w, 8, num_iter)
     params = {"mlp": {"up_proj": {"weight": jnp.asarray(w.numpy())}}}
-    config = LoraConfig(r=8, alpha=8, init="loftq", loftq_iter=num_iter)  # scale 1: peft's convention
+    config = LoraConfig(
+        r=8, alpha=8, init="loftq", loftq_iter=num_iter
+    )  # scale 1: peft's convention
     quant = QuantConfig(double_quant=False)
     new_params, lora = init_lora_and_residual(jax.random.key(0), params, config, quantization=quant)
     q = new_params["mlp"]["up_proj"]["weight"]
@@ -138,8 +157,12 @@ def test_loftq_matches_peft_formula(num_iter):
     np.testing.assert_allclose(q.absmax, qweight.quant_state.absmax.numpy(), rtol=1e-6)
     assert_same_factors(e["a"], e["b"], r_ref.numpy(), l_ref.numpy(), atol=2e-5, rtol=1e-3)
     # with another alpha the singular values are divided by the scale: scale * B A is the same
-    _, lora4 = init_lora_and_residual(jax.random.key(0), params, LoraConfig(r=8, alpha=32, init="loftq",
-                                                                              loftq_iter=num_iter), quantization=quant)
+    _, lora4 = init_lora_and_residual(
+        jax.random.key(0),
+        params,
+        LoraConfig(r=8, alpha=32, init="loftq", loftq_iter=num_iter),
+        quantization=quant,
+    )
     e4 = lora4["mlp"]["up_proj"]
     np.testing.assert_allclose(4.0 * e4["b"] @ e4["a"], (l_ref @ r_ref).numpy(), atol=2e-5)
 
@@ -152,39 +175,62 @@ def test_loftq_and_quantized_pissa_beat_plain_quantization():
 
     def error(init, iters=1):
         config = LoraConfig(r=8, alpha=16, init=init, loftq_iter=iters, target_modules=["up_proj"])
-        new_params, lora = init_lora_and_residual(jax.random.key(0), params, config, quantization=QuantConfig())
+        new_params, lora = init_lora_and_residual(
+            jax.random.key(0), params, config, quantization=QuantConfig()
+        )
         e = lora["mlp"]["up_proj"]
-        approx = float_weight(new_params["mlp"]["up_proj"]["weight"]) + e["spec"].scale * e["b"] @ e["a"]
+        approx = (
+            float_weight(new_params["mlp"]["up_proj"]["weight"]) + e["spec"].scale * e["b"] @ e["a"]
+        )
         return float(jnp.linalg.norm(w - approx) / plain)
 
     loftq1, loftq3 = error("loftq", 1), error("loftq", 3)
     assert loftq3 < loftq1 < 0.85  # measured: 0.79, 0.71
-    assert error("pissa") < 0.2  # measured: 0.07 (the large singular values leave the quantized part)
+    assert (
+        error("pissa") < 0.2
+    )  # measured: 0.07 (the large singular values leave the quantized part)
 
 
 def test_quantization_covers_the_rest_of_the_base():
     params = params_of(decaying_model())
     config = LoraConfig(r=4, init="pissa", target_modules=["q_proj"])
-    new_params, lora = init_lora_and_residual(jax.random.key(0), params, config,
-                                              quantization=QuantConfig(skip_modules=("mlp.down_proj",)))
-    assert isinstance(new_params["attn"]["q_proj"]["weight"], jqlora.QuantizedTensor)  # the residual
-    assert isinstance(new_params["attn"]["v_proj"]["weight"], jqlora.QuantizedTensor)  # not targeted
-    assert not isinstance(new_params["mlp"]["down_proj"]["weight"], jqlora.QuantizedTensor)  # skipped
+    new_params, lora = init_lora_and_residual(
+        jax.random.key(0), params, config, quantization=QuantConfig(skip_modules=("mlp.down_proj",))
+    )
+    assert isinstance(
+        new_params["attn"]["q_proj"]["weight"], jqlora.QuantizedTensor
+    )  # the residual
+    assert isinstance(
+        new_params["attn"]["v_proj"]["weight"], jqlora.QuantizedTensor
+    )  # not targeted
+    assert not isinstance(
+        new_params["mlp"]["down_proj"]["weight"], jqlora.QuantizedTensor
+    )  # skipped
     assert new_params["attn"]["v_proj"]["bias"] is params["attn"]["v_proj"]["bias"]
     # a base already in 4 bits: PiSSA of its dequantized weight, residual re-quantized alike
-    qparams, _ = init_lora_and_residual(jax.random.key(0), params, LoraConfig(), quantization=QuantConfig("fp4", 128))
+    qparams, _ = init_lora_and_residual(
+        jax.random.key(0), params, LoraConfig(), quantization=QuantConfig("fp4", 128)
+    )
     again, lora = init_lora_and_residual(jax.random.key(0), qparams, config)
     resid = again["attn"]["q_proj"]["weight"]
     assert (resid.quant_type, resid.blocksize, resid.double_quant) == ("fp4", 128, True)
     e = lora["attn"]["q_proj"]
     w = float_weight(qparams["attn"]["q_proj"]["weight"])
-    assert jnp.linalg.norm(w - float_weight(resid) - e["spec"].scale * e["b"] @ e["a"]) < 0.2 * jnp.linalg.norm(w)
+    assert jnp.linalg.norm(
+        w - float_weight(resid) - e["spec"].scale * e["b"] @ e["a"]
+    ) < 0.2 * jnp.linalg.norm(w)
 
 
 def test_residual_bad_input():
     params = params_of(decaying_model())
-    with pytest.raises(ValueError, match="LoftQ chooses the quantized base itself: pass quantization="):
+    with pytest.raises(
+        ValueError, match="LoftQ chooses the quantized base itself: pass quantization="
+    ):
         init_lora_and_residual(jax.random.key(0), params, LoraConfig(init="loftq"))
-    qparams, _ = init_lora_and_residual(jax.random.key(0), params, LoraConfig(), quantization=QuantConfig())
+    qparams, _ = init_lora_and_residual(
+        jax.random.key(0), params, LoraConfig(), quantization=QuantConfig()
+    )
     with pytest.raises(ValueError, match="LoftQ of 'attn.q_proj': the weight is already quantized"):
-        init_lora_and_residual(jax.random.key(0), qparams, LoraConfig(init="loftq"), quantization=QuantConfig())
+        init_lora_and_residual(
+            jax.random.key(0), qparams, LoraConfig(init="loftq"), quantization=QuantConfig()
+        )

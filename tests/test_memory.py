@@ -13,23 +13,41 @@ import transformers
 
 import jqlora
 from jqlora.cli import main as cli_main
-from jqlora.lora.targets import dotted, get_in, linear_modules, set_in
+from jqlora.lora.targets import get_in, linear_modules, set_in
 from jqlora.memory import estimate_memory, quantized_bytes
 from jqlora.train.step import init_train_state, make_optimizer, make_train_step
 
 LLAMA2_7B = dict(
-    model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
 
 
-@pytest.mark.parametrize("shape,blocksize,dq", [((96, 64), 64, True), ((300, 77), 64, True), ((128, 256), 128, False),
-                                                 ((4096, 520), 64, True)])
+@pytest.mark.parametrize(
+    "shape,blocksize,dq",
+    [
+        ((96, 64), 64, True),
+        ((300, 77), 64, True),
+        ((128, 256), 128, False),
+        ((4096, 520), 64, True),
+    ],
+)
 def test_quantized_bytes_equal_bitsandbytes(shape, blocksize, dq):
     w = torch.randn(shape)
-    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=dq)
-    ref = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    packed, state = bnbf.quantize_4bit(
+        w, blocksize=blocksize, quant_type="nf4", compress_statistics=dq
+    )
+    ref = (
+        packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    )
     if dq:
         ref += state.state2.absmax.numel() * 4 + 4  # nested absmax (f32) and the offset
     assert quantized_bytes(w.numel(), blocksize, dq) == ref
@@ -48,11 +66,16 @@ def test_llama2_7b_figures():
     assert full.total_without_activations == 16 * n
     assert 105e9 < full.total_without_activations < 112e9
     # NF4 with double quantization: 0.5 byte + the block constants (1/64 + 4/(64*256)).
-    assert est.quantized_bytes / est.quantized_params == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-4)
+    assert est.quantized_bytes / est.quantized_params == pytest.approx(
+        0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-4
+    )
     assert est.qlora.device["base weights"] < 4e9  # vs 13.5 GB in 16 bits
     assert est.qlora.device["optimizer state"] == 8 * est.lora_params
     off = estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=64), 1, 512, offload=True)
-    assert off.qlora.device["optimizer state"] == 0 and off.qlora.host["optimizer state"] == 8 * est.lora_params
+    assert (
+        off.qlora.device["optimizer state"] == 0
+        and off.qlora.host["optimizer state"] == 8 * est.lora_params
+    )
     remat = estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=64), 1, 512, remat=True)
     assert remat.qlora.device["activations"] < 0.2 * est.qlora.device["activations"]
 
@@ -64,21 +87,34 @@ def test_lora_counts_equal_peft():
     for r, targets in ((64, "all-linear"), (8, ["q_proj", "v_proj"])):
         with torch.device("meta"):
             hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
-        pm = peft.get_peft_model(hf_model, peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets))
+        pm = peft.get_peft_model(
+            hf_model, peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets)
+        )
         trainable, _ = pm.get_nb_trainable_parameters()
         est = estimate_memory(cfg, jqlora.LoraConfig(r=r, target_modules=targets), 1, 8)
         assert est.lora_params == trainable
     # Llama-2-7B, r=64 on every linear layer: 2.37 % of the parameters.
-    assert estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=64), 1, 8).lora_params == 32 * 4_997_120  # 159,907,840
+    assert (
+        estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=64), 1, 8).lora_params == 32 * 4_997_120
+    )  # 159,907,840
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_base_counts_equal_transformers(family):
     if family == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
+        cfg = transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32
+        )
     else:
-        cfg = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                     vocab_size=100, max_position_embeddings=32, word_embed_proj_dim=32)
+        cfg = transformers.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=100,
+            max_position_embeddings=32,
+            word_embed_proj_dim=32,
+        )
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     # transformers ties the output head to the input embedding: one tensor.
     n = sum(p.numel() for p in model.parameters())
@@ -86,9 +122,18 @@ def test_base_counts_equal_transformers(family):
 
 
 def _llama(h, i, layers, heads, kv, vocab):
-    return dict(model_type="llama", vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, rms_norm_eps=1e-5, max_position_embeddings=256,
-                tie_word_embeddings=False)
+    return dict(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -103,31 +148,58 @@ def test_estimate_within_15_percent_of_xla(cfg, batch, seq, quant):
     """Peak = arguments + outputs - donated aliases + temporaries of the compiled step (CPU,
     float32, XLA back end), against the estimate for the same setup."""
     model = jqlora.models.model_for_config(cfg, jnp.float32)
-    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()["params"]
+    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()[
+        "params"
+    ]
     lora_config = jqlora.LoraConfig(r=8)
     lora = jqlora.init_lora(jax.random.key(1), params, lora_config)
     if quant:
         for p in linear_modules(params):
-            params = set_in(params, p + ("weight",), jqlora.quantize(get_in(params, p + ("weight",))))
+            params = set_in(
+                params, p + ("weight",), jqlora.quantize(get_in(params, p + ("weight",)))
+            )
     opt = make_optimizer(1e-3)
     ids = jnp.zeros((batch, seq), jnp.int32)
     step = make_train_step(model, opt, compute_dtype=jnp.float32)
-    m = step.lower(init_train_state(lora, opt), params, {"input_ids": ids}).compile().memory_analysis()
-    xla = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    est = estimate_memory(cfg, lora_config, batch, seq, quantization="nf4" if quant else None,
-                          compute_dtype="float32", backend="xla")
+    m = (
+        step.lower(init_train_state(lora, opt), params, {"input_ids": ids})
+        .compile()
+        .memory_analysis()
+    )
+    xla = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    est = estimate_memory(
+        cfg,
+        lora_config,
+        batch,
+        seq,
+        quantization="nf4" if quant else None,
+        compute_dtype="float32",
+        backend="xla",
+    )
     assert est.qlora.total == pytest.approx(xla, rel=0.15), (est.table(), m)
 
 
 def test_cli(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
-    assert cli_main(["estimate-memory", "--model", str(tmp_path), "--lora-r", "64", "--offload", "--remat"]) == 0
+    assert (
+        cli_main(
+            ["estimate-memory", "--model", str(tmp_path), "--lora-r", "64", "--offload", "--remat"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "6,738,415,616 parameters" in out and "full fine-tuning" in out and "host memory" in out
     assert cli_main(["estimate-memory", "--model", str(tmp_path / "missing")]) == 2
     assert "no such config file" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 3}))
+    (tmp_path / "bad" / "config.json").write_text(
+        json.dumps({"model_type": "bert", "vocab_size": 3})
+    )
     assert cli_main(["estimate-memory", "--model", str(tmp_path / "bad")]) == 2
     assert "unsupported model_type" in capsys.readouterr().err
 
@@ -136,7 +208,20 @@ def test_cli_mesh_gives_per_device_figures(tmp_path, capsys):
     """--mesh divides the weights by fsdp x tensor and the activations by data x fsdp."""
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
     whole = estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=8), 8, 512, quantization="nf4")
-    assert cli_main(["estimate-memory", "--model", str(tmp_path), "--batch-size", "8", "--mesh", "data=2,fsdp=4"]) == 0
+    assert (
+        cli_main(
+            [
+                "estimate-memory",
+                "--model",
+                str(tmp_path),
+                "--batch-size",
+                "8",
+                "--mesh",
+                "data=2,fsdp=4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Per device of the mesh data=2,fsdp=4" in out
     base_row = next(line for line in out.splitlines() if line.startswith("base weights "))

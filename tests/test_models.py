@@ -11,25 +11,46 @@ from hf_reference import left_padding_mask, make_tiny, random_ids, torch_logits
 import jqlora
 
 TOL = 1e-4
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, initializer_range=0.1)
+SMALL = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, initializer_range=0.1
+)
 
 CONFIGS = {
-    "llama-gqa-untied": lambda: tf.LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2),
+    "llama-gqa-untied": lambda: tf.LlamaConfig(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2
+    ),
     "llama-tied-bias-linear": lambda: tf.LlamaConfig(
-        **SMALL, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
-        attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
+        **SMALL,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
     ),
     "llama-dynamic": lambda: tf.LlamaConfig(
-        **SMALL, num_attention_heads=4, max_position_embeddings=8,
+        **SMALL,
+        num_attention_heads=4,
+        max_position_embeddings=8,
         rope_scaling={"rope_type": "dynamic", "factor": 2.0},
     ),
     "llama3-rope": lambda: tf.LlamaConfig(
-        **SMALL, num_attention_heads=2, head_dim=32, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        **SMALL,
+        num_attention_heads=2,
+        head_dim=32,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ),
     "llama-yarn": lambda: tf.LlamaConfig(
-        **SMALL, num_attention_heads=4, max_position_embeddings=64,
+        **SMALL,
+        num_attention_heads=4,
+        max_position_embeddings=64,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
     ),
     "qwen2-bias-tied": lambda: tf.Qwen2Config(
@@ -39,19 +60,39 @@ CONFIGS = {
         **SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4
     ),
     "opt-project-in-out": lambda: tf.OPTConfig(
-        vocab_size=96, hidden_size=64, word_embed_proj_dim=32, ffn_dim=80, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=32, init_std=0.1,
+        vocab_size=96,
+        hidden_size=64,
+        word_embed_proj_dim=32,
+        ffn_dim=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        init_std=0.1,
     ),
     "opt-post-ln-untied": lambda: tf.OPTConfig(
-        vocab_size=96, hidden_size=64, ffn_dim=80, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, do_layer_norm_before=False, tie_word_embeddings=False, init_std=0.1,
+        vocab_size=96,
+        hidden_size=64,
+        ffn_dim=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        do_layer_norm_before=False,
+        tie_word_embeddings=False,
+        init_std=0.1,
     ),
     "gpt2": lambda: tf.GPT2Config(
         vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32, initializer_range=0.1
     ),
     "gpt2-untied-layer-scaled": lambda: tf.GPT2Config(
-        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32, initializer_range=0.1,
-        tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True, activation_function="gelu",
+        vocab_size=96,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        scale_attn_by_inverse_layer_idx=True,
+        activation_function="gelu",
     ),
 }
 
@@ -78,7 +119,9 @@ def test_logits_equal_transformers_with_left_padding(tiny):
 def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
     """Prefill 4 tokens, then decode 3 one at a time: the same logits as one full pass."""
     name, reference, model, params = tiny
-    ids = random_ids(96, 2, 7, seed=1)  # within every max_position_embeddings (dynamic NTK rebases past it)
+    ids = random_ids(
+        96, 2, 7, seed=1
+    )  # within every max_position_embeddings (dynamic NTK rebases past it)
     want = torch_logits(reference, ids)
     cache = model.init_cache(2, 16)
     logits, cache = model.apply({"params": params}, ids[:, :4], cache=cache)
@@ -131,13 +174,32 @@ def test_remat_keeps_lora_gradients():
     from jqlora.lora import LoraSpec
     from jqlora.models import model_for_config
 
-    config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
-              "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = {
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
     model = model_for_config(config)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     assert set(params["model"]["layers"]) == {"0", "1"}
-    lora = {"model": {"layers": {"1": {"mlp": {"up_proj": {
-        "a": jnp.full((2, 16), 0.1), "b": jnp.full((32, 2), 0.1), "spec": LoraSpec(0.5)}}}}}}
+    lora = {
+        "model": {
+            "layers": {
+                "1": {
+                    "mlp": {
+                        "up_proj": {
+                            "a": jnp.full((2, 16), 0.1),
+                            "b": jnp.full((32, 2), 0.1),
+                            "spec": LoraSpec(0.5),
+                        }
+                    }
+                }
+            }
+        }
+    }
     ids = jnp.asarray(random_ids(32, 2, 6))
 
     def loss(lora, m):

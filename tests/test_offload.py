@@ -4,17 +4,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 
 from jqlora.train.offload import memory_kinds, offload
 from jqlora.train.step import init_train_state, make_optimizer, make_train_step
-from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 
 
 def _batches(n, b=4, t=12, vocab=64):
     key = jax.random.key(7)
     for i in range(n):
         ids = jax.random.randint(jax.random.fold_in(key, i), (b, t), 0, vocab)
-        yield {"input_ids": ids, "loss_mask": (jnp.arange(t) >= 2)[None].repeat(b, 0).astype(jnp.int32)}
+        yield {
+            "input_ids": ids,
+            "loss_mask": (jnp.arange(t) >= 2)[None].repeat(b, 0).astype(jnp.int32),
+        }
 
 
 def test_offloaded_run_is_bit_identical():
@@ -63,7 +66,9 @@ def test_offload_outside_jit():
     assert memory_kinds(state) == {"pinned_host"}
     updates, state = opt.update({"w": jnp.ones(3)}, state, params)
     assert memory_kinds(state) == {"pinned_host"}
-    ref_updates, _ = optax.adam(0.1).update({"w": jnp.ones(3)}, optax.adam(0.1).init(params), params)
+    ref_updates, _ = optax.adam(0.1).update(
+        {"w": jnp.ones(3)}, optax.adam(0.1).init(params), params
+    )
     np.testing.assert_array_equal(updates["w"], ref_updates["w"])
 
 

@@ -26,7 +26,9 @@ def smollm2():
 
     path = smollm2_gguf_path(fetch=True)
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    reference = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    reference = tf.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     model, params = jqlora.load_hf(path)
     return tokenizer, reference, model, params
 
@@ -34,10 +36,17 @@ def smollm2():
 def test_gguf_config_and_tensors(smollm2):
     _, reference, model, params = smollm2
     c = model.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (576, 30, 9, 3)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (
+        576,
+        30,
+        9,
+        3,
+    )
     assert c.tie_word_embeddings and "lm_head" not in params
     q = params["model"]["layers"]["7"]["self_attn"]["q_proj"]["weight"]  # row order of q/k undone
-    np.testing.assert_array_equal(np.asarray(q), reference.model.layers[7].self_attn.q_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        np.asarray(q), reference.model.layers[7].self_attn.q_proj.weight.detach().numpy()
+    )
 
 
 def test_logits_equal_transformers_on_a_real_prompt(smollm2):

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 
 from jqlora.train.step import (
     init_train_state,
@@ -18,7 +19,6 @@ from jqlora.train.step import (
     make_train_step,
     next_token_loss,
 )
-from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 
 
 def _batch(key, b=4, t=16, vocab=64, prompt=3):
@@ -60,7 +60,7 @@ def test_batch_errors():
         next_token_loss(jnp.zeros((4, 16, 64)), {**batch, "labels": batch["input_ids"]})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup_cached(quantized=True, **kw):
     model = TinyLM(**kw)
     params = init_params(model, jax.random.key(0))
@@ -76,9 +76,11 @@ def _setup(quantized=True, **kw):
 
 def test_gradients_only_for_lora():
     model, params, lora = _setup()
-    grads = jax.jit(jax.grad(lambda l: loss_fn(l, params, _batch(jax.random.key(2)), model=model)[0]))(lora)
+    grads = jax.jit(
+        jax.grad(lambda lo: loss_fn(lo, params, _batch(jax.random.key(2)), model=model)[0])
+    )(lora)
     assert jax.tree.structure(grads) == jax.tree.structure(lora)
-    for g, x in zip(jax.tree.leaves(grads), jax.tree.leaves(lora)):
+    for g, x in zip(jax.tree.leaves(grads), jax.tree.leaves(lora), strict=True):
         assert g.shape == x.shape and g.dtype == jnp.float32
         assert float(jnp.abs(g).max()) > 0
 
@@ -127,21 +129,37 @@ def test_training_drives_the_loss_down():
 def _stack_layers(tree, n):
     """An unrolled tree (``layers_0`` ... ``layers_{n-1}``) in the scanned layout (``layers``)."""
     rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
-    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"] for i in range(n)])}
+    return {
+        **rest,
+        "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layers_{i}"] for i in range(n)]),
+    }
 
 
 def test_remat_and_scan_compute_the_same_step():
     model, params, lora = _setup(quantized=False)
     batch = _batch(jax.random.key(2))
     opt = optax.adam(1e-2)
-    s_ref, m_ref = make_train_step(model, opt, donate=False)(init_train_state(lora, opt), params, batch)
+    s_ref, m_ref = make_train_step(model, opt, donate=False)(
+        init_train_state(lora, opt), params, batch
+    )
     stacked = lambda t: _stack_layers(t, model.layers)  # noqa: E731
-    for variant in ({"remat": "nothing_saveable"}, {"scan_layers": True, "remat": "nothing_saveable"}):
+    for variant in (
+        {"remat": "nothing_saveable"},
+        {"scan_layers": True, "remat": "nothing_saveable"},
+    ):
         scan = variant.get("scan_layers", False)
-        p, l, ref = (stacked(params), stacked(lora), stacked(s_ref.lora)) if scan else (params, lora, s_ref.lora)
-        s, m = make_train_step(model, opt, **variant, donate=False)(init_train_state(l, opt), p, batch)
+        p, lo, ref = (
+            (stacked(params), stacked(lora), stacked(s_ref.lora))
+            if scan
+            else (params, lora, s_ref.lora)
+        )
+        s, m = make_train_step(model, opt, **variant, donate=False)(
+            init_train_state(lo, opt), p, batch
+        )
         np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-6)
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), s.lora, ref)
+        jax.tree.map(
+            lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), s.lora, ref
+        )
 
 
 def test_remat_saves_activation_memory():
@@ -215,19 +233,34 @@ def test_llama_model_remat_field():
     """The Llama family honours ``remat``: same step, rematerialized or not."""
     from jqlora.models import model_for_config
 
-    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64)
+    cfg = dict(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+    )
     model = model_for_config(cfg)
-    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()["params"]
+    params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))()[
+        "params"
+    ]
     lora = make_lora(jax.random.key(1), params["model"]["layers"], init_b=0.05)
     lora = {"model": {"layers": lora}}
     opt = optax.sgd(1.0)  # the update is the gradient: compare gradients, not Adam's g / sqrt(v)
     batch = _batch(jax.random.key(2))
     results = [
-        make_train_step(model, opt, remat=remat, donate=False)(init_train_state(lora, opt), params, batch)
+        make_train_step(model, opt, remat=remat, donate=False)(
+            init_train_state(lora, opt), params, batch
+        )
         for remat in (None, "nothing_saveable")
     ]
     (s0, m0), (s1, m1) = results
     np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-5)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), s1.lora, s0.lora)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), s1.lora, s0.lora
+    )

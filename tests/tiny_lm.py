@@ -37,7 +37,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hd = self.hidden // self.heads
         q, k, v = (
-            Linear(self.hidden, name=n)(x).reshape(b, t, self.heads, hd) for n in ("q_proj", "k_proj", "v_proj")
+            Linear(self.hidden, name=n)(x).reshape(b, t, self.heads, hd)
+            for n in ("q_proj", "k_proj", "v_proj")
         )
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
         s = jnp.where(mask[:, None], s, jnp.finfo(jnp.float32).min)
@@ -64,8 +65,12 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        x = x + Attention(self.hidden, self.heads, name="self_attn")(RMSNorm(name="input_layernorm")(x), mask)
-        return x + MLP(self.hidden, self.intermediate, name="mlp")(RMSNorm(name="post_attention_layernorm")(x))
+        x = x + Attention(self.hidden, self.heads, name="self_attn")(
+            RMSNorm(name="input_layernorm")(x), mask
+        )
+        return x + MLP(self.hidden, self.intermediate, name="mlp")(
+            RMSNorm(name="post_attention_layernorm")(x)
+        )
 
 
 class ScanLayer(Layer):

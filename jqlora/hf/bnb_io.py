@@ -24,7 +24,9 @@ from jqlora.models import checkpoint_map
 from jqlora.quant import QuantizedTensor
 from jqlora.quant.bnb_format import from_bnb, to_bnb
 
-_SUFFIX = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")
+_SUFFIX = re.compile(
+    r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$"
+)
 
 
 def bnb_tensors(name: str, qt: QuantizedTensor) -> dict:
@@ -57,7 +59,9 @@ def load_prequantized(path: Path, model, dtype, progress=None) -> dict:
             continue
         pname = ckpt.param_name(base, expected.shapes)
         if pname not in expected.shapes:
-            raise ValueError(f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model.config.hf['model_type']!r}")
+            raise ValueError(
+                f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model.config.hf['model_type']!r}"
+            )
         groups.setdefault(pname, {})[part] = name
     missing = sorted(set(expected.shapes) - set(groups))
     if missing:
@@ -70,7 +74,15 @@ def load_prequantized(path: Path, model, dtype, progress=None) -> dict:
             pname = owner[name]
             parts = groups[pname]
             if len(parts) == 1:  # an ordinary float tensor
-                flat[pname] = convert_tensor(array, pname, expected, None, dtype, transpose=ckpt.is_transposed(pname), source=f"{file}: tensor {name!r}")
+                flat[pname] = convert_tensor(
+                    array,
+                    pname,
+                    expected,
+                    None,
+                    dtype,
+                    transpose=ckpt.is_transposed(pname),
+                    source=f"{file}: tensor {name!r}",
+                )
                 bar.update()
                 continue
             got = pending.setdefault(pname, {})
@@ -83,11 +95,17 @@ def load_prequantized(path: Path, model, dtype, progress=None) -> dict:
 
 def _quantized_leaf(pname: str, parts: dict, expected, file) -> QuantizedTensor:
     if not expected.is_linear_weight(pname):
-        raise ValueError(f"{file}: {pname!r} is stored in 4 bits but is not a linear layer's weight")
+        raise ValueError(
+            f"{file}: {pname!r} is stored in 4 bits but is not a linear layer's weight"
+        )
     try:
         qt = from_bnb(parts, prefix=pname)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{file}: tensor {pname!r}: not a valid bitsandbytes 4-bit weight ({e})") from None
+        raise ValueError(
+            f"{file}: tensor {pname!r}: not a valid bitsandbytes 4-bit weight ({e})"
+        ) from None
     if tuple(qt.shape) != expected.shapes[pname]:
-        raise ValueError(f"{file}: tensor {pname!r} has shape {tuple(qt.shape)}, but config.json implies {expected.shapes[pname]}")
+        raise ValueError(
+            f"{file}: tensor {pname!r} has shape {tuple(qt.shape)}, but config.json implies {expected.shapes[pname]}"
+        )
     return qt

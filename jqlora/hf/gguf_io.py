@@ -67,7 +67,9 @@ def gguf_config(reader, path: Path) -> dict:
     """A transformers Llama config.json dict from the GGUF metadata."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load")
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load"
+        )
     names = {t.name for t in reader.tensors}
 
     def need(key):
@@ -95,7 +97,11 @@ def gguf_config(reader, path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
     }
-    for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+    for key, gguf_key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         value = _field(reader, f"tokenizer.ggml.{gguf_key}")
         if value is not None:
             config[key] = int(value)
@@ -133,7 +139,9 @@ def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
                 w = unpermute_rows(w, config["num_attention_heads"])
             elif name.endswith("k_proj.weight"):
                 w = unpermute_rows(w, config["num_key_value_heads"])
-            flat[name] = convert_tensor(w, name, expected, quantization, dtype, source=f"{path}: tensor {tensor.name!r}")
+            flat[name] = convert_tensor(
+                w, name, expected, quantization, dtype, source=f"{path}: tensor {tensor.name!r}"
+            )
             jax.block_until_ready(flat[name])
             del w
             release_freed_memory()

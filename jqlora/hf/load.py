@@ -56,7 +56,9 @@ _malloc_trim = None
 def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
-        raise ValueError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory or a .gguf file)")
+        raise ValueError(
+            f"{directory}: no config.json (expected a Hugging Face checkpoint directory or a .gguf file)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -91,7 +93,9 @@ def load_hf(
     if gguf_file is not None or path.suffix == ".gguf":
         from jqlora.hf.gguf_io import load_gguf
 
-        model, params = load_gguf(path / gguf_file if gguf_file else path, quantization, dtype, compute_dtype, progress)
+        model, params = load_gguf(
+            path / gguf_file if gguf_file else path, quantization, dtype, compute_dtype, progress
+        )
         return model, place_all(params, place)
     hf_config = read_config(path)
     model = model_for_config(hf_config, compute_dtype, source=str(path / "config.json"))
@@ -119,16 +123,22 @@ def checkpoint_plan(path: Path, model):
     ckpt = checkpoint_map(model_type)
     wanted = {}
     for name in infos:
-        if ckpt.is_ignored(name) or (name == "lm_head.weight" and "lm_head.weight" not in expected.shapes):
+        if ckpt.is_ignored(name) or (
+            name == "lm_head.weight" and "lm_head.weight" not in expected.shapes
+        ):
             continue  # buffers, and the copy of a tied embedding some checkpoints carry
         pname = ckpt.param_name(name, expected.shapes)
         if pname not in expected.shapes:
-            raise ValueError(f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model_type!r}")
+            raise ValueError(
+                f"{infos[name][0]}: unexpected tensor {name!r} for model_type {model_type!r}"
+            )
         wanted[name] = pname
     missing = sorted(set(expected.shapes) - set(wanted.values()))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"{path}: missing tensor(s) {', '.join(repr(m) for m in missing[:5])}{more}")
+        raise ValueError(
+            f"{path}: missing tensor(s) {', '.join(repr(m) for m in missing[:5])}{more}"
+        )
     return files, wanted, expected, ckpt
 
 
@@ -140,7 +150,9 @@ def place_all(params: dict, place) -> dict:
     return names_lib.unflatten({k: place(k, flat.pop(k)) for k in list(flat)})
 
 
-def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtype, progress=None, place=None) -> dict:
+def load_float_tensors(
+    path: Path, model, quantization: QuantConfig | None, dtype, progress=None, place=None
+) -> dict:
     """The params tree from a float safetensors checkpoint, quantizing linear weights if asked."""
     files, wanted, expected, ckpt = checkpoint_plan(path, model)
     flat = {}
@@ -148,7 +160,13 @@ def load_float_tensors(path: Path, model, quantization: QuantConfig | None, dtyp
         for name, file, array in safetensors_io.iter_tensors(files, list(wanted)):
             pname = wanted[name]
             flat[pname] = convert_tensor(
-                array, pname, expected, quantization, dtype, transpose=ckpt.is_transposed(pname), source=f"{file}: tensor {name!r}"
+                array,
+                pname,
+                expected,
+                quantization,
+                dtype,
+                transpose=ckpt.is_transposed(pname),
+                source=f"{file}: tensor {name!r}",
             )
             if place is not None:
                 flat[pname] = place(pname, flat[pname])
@@ -171,8 +189,16 @@ def convert_tensor(array, pname: str, expected, quantization, dtype, *, transpos
         raise ValueError(f"{source} has shape {tuple(array.shape)}, but config.json implies {want}")
     array = jnp.asarray(array).astype(dtype or array.dtype)
     module = pname.rpartition(".")[0]
-    if quantization is not None and expected.is_linear_weight(pname) and quantization.quantizes(module):
+    if (
+        quantization is not None
+        and expected.is_linear_weight(pname)
+        and quantization.quantizes(module)
+    ):
         return quantize(
-            array, quantization.quant_type, quantization.blocksize, quantization.double_quant, name=pname
+            array,
+            quantization.quant_type,
+            quantization.blocksize,
+            quantization.double_quant,
+            name=pname,
         )
     return array

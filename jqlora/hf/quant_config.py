@@ -25,7 +25,9 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"QuantConfig: quant_type {self.quant_type!r} is not one of {QUANT_TYPES}")
+            raise ValueError(
+                f"QuantConfig: quant_type {self.quant_type!r} is not one of {QUANT_TYPES}"
+            )
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantConfig: blocksize {self.blocksize} is not one of {BLOCKSIZES}")
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
@@ -38,7 +40,8 @@ class QuantConfig:
         """
         boundary = r"(?:(?<=\.)|(?=\.|$))"
         return not any(
-            re.match(rf"(?:{p}){boundary}", module_name) or module_name.endswith(p) for p in self.skip_modules
+            re.match(rf"(?:{p}){boundary}", module_name) or module_name.endswith(p)
+            for p in self.skip_modules
         )
 
     def to_hf(self, compute_dtype: str = "float32") -> dict:
@@ -62,12 +65,18 @@ class QuantConfig:
         """The config of a pre-quantized bitsandbytes 4-bit checkpoint; other methods are refused."""
         method = qc.get("quant_method")
         if method != "bitsandbytes":
-            raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported; only bitsandbytes 4-bit checkpoints load")
+            raise ValueError(
+                f"{source}: quantization_config.quant_method {method!r} is not supported; only bitsandbytes 4-bit checkpoints load"
+            )
         if not qc.get("load_in_4bit") or qc.get("load_in_8bit"):
-            raise ValueError(f"{source}: only 4-bit bitsandbytes checkpoints are supported (load_in_4bit true), not 8-bit")
+            raise ValueError(
+                f"{source}: only 4-bit bitsandbytes checkpoints are supported (load_in_4bit true), not 8-bit"
+            )
         storage = qc.get("bnb_4bit_quant_storage", "uint8")
         if storage != "uint8":
-            raise ValueError(f"{source}: bnb_4bit_quant_storage {storage!r} is not supported; only uint8")
+            raise ValueError(
+                f"{source}: bnb_4bit_quant_storage {storage!r} is not supported; only uint8"
+            )
         return cls(
             quant_type=qc.get("bnb_4bit_quant_type", "fp4"),
             blocksize=64,  # per tensor in the checkpoint's quant_state; 64 is transformers' value

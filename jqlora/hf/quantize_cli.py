@@ -39,14 +39,21 @@ def quantize_checkpoint(
     model = model_for_config(hf_config, source=str(src / "config.json"))
     files, wanted, expected, ckpt = checkpoint_plan(src, model)
     config = dict(hf_config)
-    config["quantization_config"] = quantization.to_hf(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+    config["quantization_config"] = quantization.to_hf(
+        hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    )
     with safetensors_io.atomic_directory(out) as tmp:
         writer = safetensors_io.ShardWriter(tmp, max_shard_bytes)
         with progress_bar(len(wanted), f"quantizing {src.name}", progress) as bar:
             for name, file, array in safetensors_io.iter_tensors(files, list(wanted)):
                 pname = wanted[name]
                 leaf = convert_tensor(
-                    array, pname, expected, quantization, None, transpose=ckpt.is_transposed(pname),
+                    array,
+                    pname,
+                    expected,
+                    quantization,
+                    None,
+                    transpose=ckpt.is_transposed(pname),
                     source=f"{file}: tensor {name!r}",
                 )
                 if isinstance(leaf, QuantizedTensor):
@@ -65,7 +72,14 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     """Tokenizer and generation files travel with the weights."""
     import shutil
 
-    for pattern in ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template*"):
+    for pattern in (
+        "tokenizer*",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+        "chat_template*",
+    ):
         for f in src.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, dst / f.name)
@@ -77,12 +91,21 @@ def register(subparsers) -> None:
         help="convert a float checkpoint to a bitsandbytes 4-bit checkpoint",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("src", metavar="SRC_DIR", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument(
+        "src",
+        metavar="SRC_DIR",
+        help="Hugging Face checkpoint directory (config.json + safetensors)",
+    )
     p.add_argument("out", metavar="OUT_DIR", help="where to write the 4-bit checkpoint")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
-    p.add_argument("--skip-modules", nargs="*", default=["lm_head"], help="modules kept in float (default: lm_head)")
+    p.add_argument(
+        "--skip-modules",
+        nargs="*",
+        default=["lm_head"],
+        help="modules kept in float (default: lm_head)",
+    )
     p.set_defaults(func=run)
 
 
@@ -90,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from jqlora.cli import InputError
 
     try:
-        quantization = QuantConfig(args.quant_type, args.blocksize, not args.no_double_quant, tuple(args.skip_modules))
+        quantization = QuantConfig(
+            args.quant_type, args.blocksize, not args.no_double_quant, tuple(args.skip_modules)
+        )
         out = quantize_checkpoint(args.src, args.out, quantization)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None

@@ -54,7 +54,9 @@ def read_header(path: Path) -> dict:
             raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
         if 8 + n > size:
-            raise ValueError(f"{path}: truncated: the header needs {8 + n} bytes, the file has {size}")
+            raise ValueError(
+                f"{path}: truncated: the header needs {8 + n} bytes, the file has {size}"
+            )
         try:
             header = json.loads(f.read(n))
         except json.JSONDecodeError as e:
@@ -81,12 +83,22 @@ def tensor_infos(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], st
 
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
-def iter_tensors(files: list[Path], names: list[str] | None = None) -> Iterator[tuple[str, Path, np.ndarray]]:
+def iter_tensors(
+    files: list[Path], names: list[str] | None = None
+) -> Iterator[tuple[str, Path, np.ndarray]]:
     """``(name, file, numpy array)`` for every tensor (or those in ``names``), one at a time.
 
     Each tensor is read with a plain ``read`` into memory that is freed once the caller drops
@@ -102,12 +114,16 @@ def iter_tensors(files: list[Path], names: list[str] | None = None) -> Iterator[
                 if wanted is not None and name not in wanted:
                     continue
                 if meta["dtype"] not in _DTYPES:
-                    raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+                    raise ValueError(
+                        f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}"
+                    )
                 dtype = np.dtype(_DTYPES[meta["dtype"]])
                 start, end = meta["data_offsets"]
                 shape = tuple(meta["shape"])
                 if end - start != int(np.prod(shape)) * dtype.itemsize:
-                    raise ValueError(f"{path}: tensor {name!r}: {end - start} bytes for shape {shape} {meta['dtype']}")
+                    raise ValueError(
+                        f"{path}: tensor {name!r}: {end - start} bytes for shape {shape} {meta['dtype']}"
+                    )
                 f.seek(data_start + start)
                 array = np.frombuffer(bytearray(f.read(end - start)), dtype=dtype).reshape(shape)
                 yield name, path, array
@@ -147,7 +163,11 @@ class ShardWriter:
         from safetensors.flax import save_file
 
         path = self.directory / f".shard-{len(self.shards)}.safetensors"
-        save_file({n: jnp.asarray(a) for n, a in self.current.items()}, str(path), metadata={"format": "pt"})
+        save_file(
+            {n: jnp.asarray(a) for n, a in self.current.items()},
+            str(path),
+            metadata={"format": "pt"},
+        )
         self.shards.append((path, list(self.current)))
         self.current, self.used = {}, 0
 
@@ -156,7 +176,11 @@ class ShardWriter:
         if self.current or not self.shards:
             self._flush()
         n = len(self.shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            [SINGLE_FILE]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         weight_map = {}
         for (path, tensors), file_name in zip(self.shards, names, strict=True):
             path.rename(self.directory / file_name)

@@ -60,7 +60,9 @@ def checkpoint_tensors(model, params: dict, quantization: QuantConfig | None) ->
     for name, leaf in flat.items():
         module = name.rpartition(".")[0]
         wants_4bit = (
-            quantization is not None and expected.is_linear_weight(name) and quantization.quantizes(module)
+            quantization is not None
+            and expected.is_linear_weight(name)
+            and quantization.quantizes(module)
         )
         if wants_4bit:
             qt = leaf if isinstance(leaf, QuantizedTensor) else None
@@ -69,7 +71,13 @@ def checkpoint_tensors(model, params: dict, quantization: QuantConfig | None) ->
                     f"save_hf: {name} is stored as {qt}, not as {quantization}; dequantize it first or save with its settings"
                 )
             if qt is None:
-                qt = quantize(leaf, quantization.quant_type, quantization.blocksize, quantization.double_quant, name=name)
+                qt = quantize(
+                    leaf,
+                    quantization.quant_type,
+                    quantization.blocksize,
+                    quantization.double_quant,
+                    name=name,
+                )
             out.update(bnb_tensors(name, qt))
             continue
         if isinstance(leaf, QuantizedTensor):
@@ -79,10 +87,21 @@ def checkpoint_tensors(model, params: dict, quantization: QuantConfig | None) ->
 
 
 def _matches(qt: QuantizedTensor, q: QuantConfig) -> bool:
-    return qt.quant_type == q.quant_type and qt.blocksize == q.blocksize and qt.double_quant == q.double_quant
+    return (
+        qt.quant_type == q.quant_type
+        and qt.blocksize == q.blocksize
+        and qt.double_quant == q.double_quant
+    )
 
 
-def save_hf(out_dir, model, params: dict, quantization: QuantConfig | None = None, *, max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES) -> Path:
+def save_hf(
+    out_dir,
+    model,
+    params: dict,
+    quantization: QuantConfig | None = None,
+    *,
+    max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES,
+) -> Path:
     """Write ``config.json`` and safetensors (sharded above ``max_shard_bytes``, 5 GB) to
     ``out_dir`` so that ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads it.
 

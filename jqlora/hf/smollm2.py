@@ -20,7 +20,9 @@ FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("JQLORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "jqlora")
+    base = os.environ.get("JQLORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "jqlora"
+    )
     return Path(base).expanduser() / "smollm2"
 
 

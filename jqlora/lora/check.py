@@ -44,12 +44,18 @@ def check_lora(params: Mapping, lora: Mapping) -> None:
         missing = [k for k in _REQUIRED if k not in entry]
         extra = sorted(set(entry) - _ALLOWED)
         if missing or extra:
-            problems = "; ".join(f"{what} {keys}" for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
+            problems = "; ".join(
+                f"{what} {keys}"
+                for what, keys in (("missing", missing), ("unexpected", extra))
+                if keys
+            )
             raise ValueError(
                 f"lora entry {name!r}: {problems}; expected keys {sorted(_ALLOWED)} ('magnitude' only with DoRA)"
             )
         if not isinstance(entry["spec"], LoraSpec):
-            raise ValueError(f"lora entry {name!r}: 'spec' is a {type(entry['spec']).__name__}, not a LoraSpec")
+            raise ValueError(
+                f"lora entry {name!r}: 'spec' is a {type(entry['spec']).__name__}, not a LoraSpec"
+            )
         module = params
         for i, key in enumerate(path):
             if not isinstance(module, Mapping) or key not in module:
@@ -62,11 +68,15 @@ def check_lora(params: Mapping, lora: Mapping) -> None:
             module = module[key]
         weight = module.get("weight") if isinstance(module, Mapping) else None
         if weight is None or not is_linear_weight(weight):
-            raise ValueError(f"lora entry {name!r}: params has no linear 'weight' [out, in] at that path")
+            raise ValueError(
+                f"lora entry {name!r}: params has no linear 'weight' [out, in] at that path"
+            )
         lead, out_f, in_f = weight_dims(weight)
         a, b = entry["a"], entry["b"]
         for k, arr in (("a", a), ("b", b)):
-            if getattr(arr, "ndim", None) != 2 + len(lead) or not jnp.issubdtype(arr.dtype, jnp.floating):
+            if getattr(arr, "ndim", None) != 2 + len(lead) or not jnp.issubdtype(
+                arr.dtype, jnp.floating
+            ):
                 raise ValueError(
                     f"lora entry {name!r}: {k!r} must be a {2 + len(lead)}-D float array for a weight of "
                     f"shape {(*lead, out_f, in_f)}, got {getattr(arr, 'shape', None)} "

@@ -70,7 +70,9 @@ class LoraConfig:
                 try:
                     re.compile(targets)
                 except re.error as e:
-                    raise ValueError(f"LoraConfig: target_modules {targets!r} is not a valid regex: {e}") from None
+                    raise ValueError(
+                        f"LoraConfig: target_modules {targets!r} is not a valid regex: {e}"
+                    ) from None
         else:
             targets = tuple(targets)
             if not targets or not all(isinstance(t, str) and t for t in targets):
@@ -90,7 +92,9 @@ class LoraConfig:
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
         if not (isinstance(self.loftq_iter, int) and self.loftq_iter >= 1):
-            raise ValueError(f"LoraConfig: loftq_iter must be an integer >= 1, got {self.loftq_iter!r}")
+            raise ValueError(
+                f"LoraConfig: loftq_iter must be an integer >= 1, got {self.loftq_iter!r}"
+            )
 
     def __hash__(self):  # the pattern dicts are not hashable; a config may be a static jit argument
         fields = dataclasses.astuple(self)
@@ -117,8 +121,16 @@ class LoraConfig:
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` of the module at dotted ``path``, after rank/alpha patterns (PEFT's rule)."""
-        r = self.rank_pattern[k] if (k := _pattern_key(self.rank_pattern, path)) is not None else self.r
-        alpha = self.alpha_pattern[k] if (k := _pattern_key(self.alpha_pattern, path)) is not None else self.alpha
+        r = (
+            self.rank_pattern[k]
+            if (k := _pattern_key(self.rank_pattern, path)) is not None
+            else self.r
+        )
+        alpha = (
+            self.alpha_pattern[k]
+            if (k := _pattern_key(self.alpha_pattern, path)) is not None
+            else self.alpha
+        )
         return r, alpha
 
     def scale(self, r: int, alpha: float) -> float:
@@ -140,5 +152,10 @@ def _check_rank(name: str, r) -> None:
 
 
 def _check_alpha(name: str, alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not math.isfinite(alpha):
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not alpha > 0
+        or not math.isfinite(alpha)
+    ):
         raise ValueError(f"LoraConfig: {name} must be a positive number, got {alpha!r}")

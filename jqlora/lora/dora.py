@@ -42,7 +42,9 @@ def weight_norm(weight, adapter: dict) -> jax.Array:
     return jnp.linalg.norm(float_weight(weight) + delta_weight(adapter), axis=-1)
 
 
-def dora_linear(x: jax.Array, base_out: jax.Array, weight, adapter: dict, dropped_x: jax.Array | None) -> jax.Array:
+def dora_linear(
+    x: jax.Array, base_out: jax.Array, weight, adapter: dict, dropped_x: jax.Array | None
+) -> jax.Array:
     """DoRA's ``y`` without bias (module doc); ``base_out = x W^T``.
 
     ``dropped_x`` is the dropped-out input when dropout is active, else None.

@@ -46,7 +46,9 @@ def target_layers(params: Mapping, config: LoraConfig) -> list[tuple[Path, objec
                 f"(weight [out={out_f}, in={in_f}]); a rank above min(out, in) adds parameters "
                 f"but no expressiveness. Lower r, or set rank_pattern={{{path[-1]!r}: ...}}."
             )
-        layers.append((path, weight, r, LoraSpec(scale=config.scale(r, alpha), dropout=float(config.dropout))))
+        layers.append(
+            (path, weight, r, LoraSpec(scale=config.scale(r, alpha), dropout=float(config.dropout)))
+        )
     return layers
 
 
@@ -59,7 +61,9 @@ def init_a(key: jax.Array, shape: tuple[int, ...], init: str, dtype=jnp.float32)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
-def make_adapter(a: jax.Array, b: jax.Array, spec: LoraSpec, weight=None, use_dora: bool = False) -> dict:
+def make_adapter(
+    a: jax.Array, b: jax.Array, spec: LoraSpec, weight=None, use_dora: bool = False
+) -> dict:
     """One entry of the lora tree; with DoRA, the magnitude ``||W + s B A||_row`` of ``weight``."""
     adapter = {"a": a, "b": b, "spec": spec}
     if use_dora:

@@ -53,7 +53,9 @@ class Linear(nn.Module):
             # codes against the float shape and refuse.
             weight = self.get_variable("params", "weight")
         else:
-            weight = self.param("weight", nn.initializers.lecun_normal(), (self.features, in_features))
+            weight = self.param(
+                "weight", nn.initializers.lecun_normal(), (self.features, in_features)
+            )
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         y = qmatmul(x, weight, compute_dtype=dtype)

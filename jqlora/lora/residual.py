@@ -61,7 +61,9 @@ def top_singular(w: jax.Array, r: int, niter: int | None, key: jax.Array | None)
     return u, s, jnp.swapaxes(v, -1, -2)
 
 
-def split_factors(u: jax.Array, s: jax.Array, vh: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+def split_factors(
+    u: jax.Array, s: jax.Array, vh: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
     """``(A, B)`` with ``scale * B @ A = U diag(S) V^T``, the root of ``S / scale`` on each side."""
     root = jnp.sqrt(s / scale)
     return root[..., :, None] * vh, u * root[..., None, :]
@@ -73,7 +75,16 @@ def pissa(w: jax.Array, r: int, scale: float, niter: int | None = None, key=None
     return a, b, w - scale * (b @ a)
 
 
-def loftq(w: jax.Array, r: int, scale: float, quant, num_iter: int = 1, *, name: str = "weight", dtype=None):
+def loftq(
+    w: jax.Array,
+    r: int,
+    scale: float,
+    quant,
+    num_iter: int = 1,
+    *,
+    name: str = "weight",
+    dtype=None,
+):
     """LoftQ of a float32 ``w``: ``(A, B, Q)`` with ``deq(Q) + scale * B @ A ~ w``, ``Q`` quantized.
 
     ``dtype``: the dtype ``Q`` stands for (the model's; the residual is rounded to it first).
@@ -125,8 +136,12 @@ def init_lora_and_residual(
                     "(load the model without quantization and pass quantization=... here)"
                 )
             if quant is None:
-                raise ValueError(f"LoftQ of {name!r}: the quantization config leaves this module in float")
-            a, b, base = loftq(w, r, spec.scale, quant, config.loftq_iter, name=name, dtype=weight.dtype)
+                raise ValueError(
+                    f"LoftQ of {name!r}: the quantization config leaves this module in float"
+                )
+            a, b, base = loftq(
+                w, r, spec.scale, quant, config.loftq_iter, name=name, dtype=weight.dtype
+            )
         else:
             a, b, res = pissa(w, r, spec.scale, config.pissa_niter, layer_key(key, path))
             res = res.astype(weight.dtype)

@@ -19,7 +19,9 @@ from jqlora.quant import QuantizedTensor, quantize
 
 def quantize_as(w: jax.Array, quant, name: str) -> QuantizedTensor:
     """``w`` quantized with ``quant``'s settings; ``name`` labels errors."""
-    return quantize(jnp.asarray(w), quant.quant_type, quant.blocksize, quant.double_quant, name=name)
+    return quantize(
+        jnp.asarray(w), quant.quant_type, quant.blocksize, quant.double_quant, name=name
+    )
 
 
 def covers(quant, name: str) -> bool:
@@ -47,7 +49,11 @@ def quantize_linear(params: Mapping, quantization, skip: Iterable[Path] = ()) ->
     skip = set(map(tuple, skip))
     for path in linear_modules(params):
         weight = get_in(params, path + ("weight",))
-        if path in skip or isinstance(weight, QuantizedTensor) or not covers(quantization, dotted(path)):
+        if (
+            path in skip
+            or isinstance(weight, QuantizedTensor)
+            or not covers(quantization, dotted(path))
+        ):
             continue
         params = set_in(params, path + ("weight",), quantize_as(weight, quantization, dotted(path)))
     return params

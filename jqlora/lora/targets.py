@@ -76,7 +76,11 @@ def weight_dims(weight) -> tuple[tuple[int, ...], int, int]:
 
 def linear_modules(params: Mapping) -> list[Path]:
     """Paths of every linear layer in ``params`` (see module doc), in tree order."""
-    return [p for p, w in weighted_modules(params) if is_linear_weight(w) and not is_embedding(p) and not is_norm(p)]
+    return [
+        p
+        for p, w in weighted_modules(params)
+        if is_linear_weight(w) and not is_embedding(p) and not is_norm(p)
+    ]
 
 
 def matches(target_modules, path: str) -> bool:
@@ -104,7 +108,11 @@ def select_targets(params: Mapping, config: LoraConfig) -> list[Path]:
             if not matches(targets, dotted(path)):
                 continue
             if path not in linear_set:
-                kind = "an embedding" if is_embedding(path) else f"not a linear layer (weight {_describe(weight)})"
+                kind = (
+                    "an embedding"
+                    if is_embedding(path)
+                    else f"not a linear layer (weight {_describe(weight)})"
+                )
                 raise ValueError(
                     f"target_modules={targets!r} selects module {dotted(path)!r}, which is {kind}; "
                     f"LoRA applies to linear layers only"

@@ -46,8 +46,16 @@ def model_for_config(hf_config: dict, dtype=jnp.float32, *, source: str = "confi
     try:
         config = config_cls.from_hf(hf_config)
     except KeyError as e:
-        raise ValueError(f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}") from None
+        raise ValueError(
+            f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}"
+        ) from None
     return model_cls(config, dtype=jnp.dtype(dtype))
 
 
-__all__ = ["CheckpointMap", "KVCache", "checkpoint_map", "model_for_config", "supported_model_types"]
+__all__ = [
+    "CheckpointMap",
+    "KVCache",
+    "checkpoint_map",
+    "model_for_config",
+    "supported_model_types",
+]

@@ -151,7 +151,9 @@ def activation(name: str):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attention_scale: float = 1.0) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attention_scale: float = 1.0
+) -> jax.Array:
     """Rotary embedding, transformers' "rotate half" convention.
 
     ``x: [b, s, h, d]``, ``positions: [b, s]``, ``inv_freq: [d/2]`` (float32). With
@@ -179,7 +181,9 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-def init_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+def init_cache(
+    n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32
+) -> KVCache:
     """An empty cache of ``max_len`` slots."""
     shape = (batch, max_len, n_kv_heads, head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(n_layers))
@@ -213,7 +217,9 @@ def attention_mask(
     return allowed[None] & valid[:, None, :], valid
 
 
-def write_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array]:
+def write_cache(
+    cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index
+) -> tuple[jax.Array, jax.Array]:
     """The layer's cache with ``k, v: [b, s, kv, d]`` written at slot ``index``."""
     k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
     v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
@@ -269,14 +275,18 @@ class LayerList(nn.Module):
 
 def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
     """``h @ embedding.T``: the output head of a model whose lm_head is its input embedding."""
-    return jnp.einsum("...d,vd->...v", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32).astype(h.dtype)
+    return jnp.einsum(
+        "...d,vd->...v", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32
+    ).astype(h.dtype)
 
 
 def next_cache(cache: KVCache | None, new_kv: list, valid: jax.Array, seq: int) -> KVCache | None:
     """The cache after a forward pass of ``seq`` tokens (None without a cache)."""
     if cache is None:
         return None
-    return KVCache(tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv), valid, cache.index + seq)
+    return KVCache(
+        tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv), valid, cache.index + seq
+    )
 
 
 def default_positions(batch: int, seq: int, cache: KVCache | None) -> jax.Array:

@@ -76,7 +76,9 @@ class GPT2Block(nn.Module):
         c = self.config
         b, s, _ = h.shape
         x = LayerNorm(c.layer_norm_epsilon, True, self.dtype, name="ln_1")(h)
-        attn, cache_kv = GPT2Attention(c, self.layer, self.dtype, name="attn")(x, cache_kv, cache_index, mask)
+        attn, cache_kv = GPT2Attention(c, self.layer, self.dtype, name="attn")(
+            x, cache_kv, cache_index, mask
+        )
         h = h + attn
         x = LayerNorm(c.layer_norm_epsilon, True, self.dtype, name="ln_2")(h)
         return h + GPT2MLP(c, self.dtype, name="mlp")(x), cache_kv
@@ -111,7 +113,9 @@ class GPT2MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         x = Linear(c.n_inner, True, self.dtype, name="c_fc")(x)
-        return Linear(c.n_embd, True, self.dtype, name="c_proj")(common.activation(c.activation_function)(x))
+        return Linear(c.n_embd, True, self.dtype, name="c_proj")(
+            common.activation(c.activation_function)(x)
+        )
 
 
 class GPT2Model(nn.Module):
@@ -128,7 +132,9 @@ class GPT2Model(nn.Module):
             positions = common.default_positions(b, s, cache)
         h = Embed(c.vocab_size, c.n_embd, self.dtype, name="wte")(ids)
         h = h + Embed(c.n_positions, c.n_embd, self.dtype, name="wpe")(positions)
-        h, new_kv = common.LayerList(GPT2Block, c, c.n_layer, self.dtype, self.remat, name="h")(h, cache, mask)
+        h, new_kv = common.LayerList(GPT2Block, c, c.n_layer, self.dtype, self.remat, name="h")(
+            h, cache, mask
+        )
         h = LayerNorm(c.layer_norm_epsilon, True, self.dtype, name="ln_f")(h)
         return h, common.next_cache(cache, new_kv, valid, s)
 
@@ -144,7 +150,9 @@ class GPT2LMHeadModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.config
-        h, new_cache = GPT2Model(c, self.dtype, self.remat, name="transformer")(input_ids, attention_mask, positions, cache)
+        h, new_cache = GPT2Model(c, self.dtype, self.remat, name="transformer")(
+            input_ids, attention_mask, positions, cache
+        )
         if c.tie_word_embeddings:
             logits = common.tied_logits(h, self.variables["params"]["transformer"]["wte"]["weight"])
         else:
@@ -153,4 +161,6 @@ class GPT2LMHeadModel(nn.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
-        return common.init_cache(c.n_layer, batch, max_len, c.n_head, c.head_dim, dtype or self.dtype)
+        return common.init_cache(
+            c.n_layer, batch, max_len, c.n_head, c.head_dim, dtype or self.dtype
+        )

@@ -160,12 +160,21 @@ class LlamaModel(nn.Module):
             masks[window], valid = common.attention_mask(b, s, attention_mask, cache, window)
         rope_params = c.rope_params
         if rope_params["rope_type"] == "dynamic":
-            rope_freq = (rope.dynamic_inv_freq(rope_params, c.head_dim, c.max_position_embeddings, positions), 1.0)
+            rope_freq = (
+                rope.dynamic_inv_freq(
+                    rope_params, c.head_dim, c.max_position_embeddings, positions
+                ),
+                1.0,
+            )
         else:
-            inv_freq, scale = rope.static_inv_freq(rope_params, c.head_dim, c.max_position_embeddings)
+            inv_freq, scale = rope.static_inv_freq(
+                rope_params, c.head_dim, c.max_position_embeddings
+            )
             rope_freq = (jnp.asarray(inv_freq), scale)
         embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")
-        layers = common.LayerList(LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers")
+        layers = common.LayerList(
+            LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers"
+        )
         h, new_kv = layers(embed(ids), cache, positions, masks, rope_freq)
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
         return h, common.next_cache(cache, new_kv, valid, s)
@@ -182,9 +191,13 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.config
-        h, new_cache = LlamaModel(c, self.dtype, self.remat, name="model")(input_ids, attention_mask, positions, cache)
+        h, new_cache = LlamaModel(c, self.dtype, self.remat, name="model")(
+            input_ids, attention_mask, positions, cache
+        )
         if c.tie_word_embeddings:
-            logits = common.tied_logits(h, self.variables["params"]["model"]["embed_tokens"]["weight"])
+            logits = common.tied_logits(
+                h, self.variables["params"]["model"]["embed_tokens"]["weight"]
+            )
         else:
             logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)
         return logits if cache is None else (logits, new_cache)
@@ -192,5 +205,10 @@ class LlamaForCausalLM(nn.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
         return common.init_cache(
-            c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, dtype or self.dtype
+            c.num_hidden_layers,
+            batch,
+            max_len,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype or self.dtype,
         )

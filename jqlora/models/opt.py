@@ -106,7 +106,9 @@ class OPTDecoderLayer(nn.Module):
             h = attn_norm(h)
         x = ffn_norm(h) if pre else h
         x = Linear(c.ffn_dim, c.enable_bias, self.dtype, name="fc1")(x)
-        h = h + Linear(c.hidden_size, c.enable_bias, self.dtype, name="fc2")(common.activation(c.activation_function)(x))
+        h = h + Linear(c.hidden_size, c.enable_bias, self.dtype, name="fc2")(
+            common.activation(c.activation_function)(x)
+        )
         if not pre:
             h = ffn_norm(h)
         return h, cache_kv
@@ -128,9 +130,16 @@ class OPTDecoder(nn.Module):
         h = embed(ids)
         if c.word_embed_proj_dim != c.hidden_size:
             h = Linear(c.hidden_size, False, self.dtype, name="project_in")(h)
-        table = Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, self.dtype, name="embed_positions")
+        table = Embed(
+            c.max_position_embeddings + POSITION_OFFSET,
+            c.hidden_size,
+            self.dtype,
+            name="embed_positions",
+        )
         h = h + table(positions + POSITION_OFFSET)
-        layers = common.LayerList(OPTDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers")
+        layers = common.LayerList(
+            OPTDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers"
+        )
         h, new_kv = layers(h, cache, mask)
         if c.final_layer_norm:
             h = LayerNorm(1e-5, c.layer_norm_affine, self.dtype, name="final_layer_norm")(h)
@@ -142,7 +151,9 @@ class OPTDecoder(nn.Module):
 def _default_positions(b, s, attention_mask, cache):
     """transformers' OPT ``position_ids``: the number of real tokens before, minus one for
     padding (which reads row 1 of the table)."""
-    new = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    new = (
+        jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    )
     before = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
     return (jnp.cumsum(new, axis=1) + before) * new - 1
 
@@ -158,9 +169,13 @@ class OPTForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.config
-        h, new_cache = OPTModel(c, self.dtype, self.remat, name="model")(input_ids, attention_mask, positions, cache)
+        h, new_cache = OPTModel(c, self.dtype, self.remat, name="model")(
+            input_ids, attention_mask, positions, cache
+        )
         if c.tie_word_embeddings:
-            logits = common.tied_logits(h, self.variables["params"]["model"]["decoder"]["embed_tokens"]["weight"])
+            logits = common.tied_logits(
+                h, self.variables["params"]["model"]["decoder"]["embed_tokens"]["weight"]
+            )
         else:
             logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)
         return logits if cache is None else (logits, new_cache)
@@ -168,7 +183,12 @@ class OPTForCausalLM(nn.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         c = self.config
         return common.init_cache(
-            c.num_hidden_layers, batch, max_len, c.num_attention_heads, c.head_dim, dtype or self.dtype
+            c.num_hidden_layers,
+            batch,
+            max_len,
+            c.num_attention_heads,
+            c.head_dim,
+            dtype or self.dtype,
         )
 
 
@@ -179,4 +199,6 @@ class OPTModel(nn.Module):
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
-        return OPTDecoder(self.config, self.dtype, self.remat, name="decoder")(ids, attention_mask, positions, cache)
+        return OPTDecoder(self.config, self.dtype, self.remat, name="decoder")(
+            ids, attention_mask, positions, cache
+        )

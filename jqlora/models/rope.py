@@ -35,7 +35,9 @@ def rope_parameters(hf_config: dict) -> dict:
     params.setdefault("rope_theta", hf_config.get("rope_theta") or 10000.0)
     params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
     if params["rope_type"] not in ROPE_TYPES:
-        raise ValueError(f"config.json: unsupported rope type {params['rope_type']!r}; supported: {ROPE_TYPES}")
+        raise ValueError(
+            f"config.json: unsupported rope type {params['rope_type']!r}; supported: {ROPE_TYPES}"
+        )
     return params
 
 
@@ -44,7 +46,9 @@ def _base_inv_freq(base: float, dim: int) -> np.ndarray:
     return (1.0 / (np.float32(base) ** exponent)).astype(np.float32)
 
 
-def static_inv_freq(params: dict, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+def static_inv_freq(
+    params: dict, head_dim: int, max_position_embeddings: int
+) -> tuple[np.ndarray, float]:
     """``(inv_freq [head_dim/2] float32, attention_scale)`` for every type but ``dynamic``."""
     kind, base, dim = params["rope_type"], float(params["rope_theta"]), head_dim
     inv_freq = _base_inv_freq(base, dim)
@@ -94,19 +98,27 @@ def _yarn(p: dict, dim: int, base: float, max_position_embeddings: int) -> tuple
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(
+        np.float32
+    )
     extrapolation_weight = 1 - ramp
-    pos_freqs = (np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))).astype(np.float32)
+    pos_freqs = (
+        np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    ).astype(np.float32)
     inv_extra = 1.0 / pos_freqs
     inv_inter = 1.0 / (np.float32(factor) * pos_freqs)
     inv_freq = inv_inter * (1 - extrapolation_weight) + inv_extra * extrapolation_weight
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def dynamic_inv_freq(params: dict, head_dim: int, max_position_embeddings: int, positions) -> jnp.ndarray:
+def dynamic_inv_freq(
+    params: dict, head_dim: int, max_position_embeddings: int, positions
+) -> jnp.ndarray:
     """Dynamic-NTK ``inv_freq`` for the longest sequence in ``positions`` (traced)."""
     dim, factor = head_dim, params["factor"]
     seq_len = jnp.maximum(jnp.max(positions) + 1, max_position_embeddings).astype(jnp.float32)
-    base = params["rope_theta"] * (factor * seq_len / max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
+    base = params["rope_theta"] * (factor * seq_len / max_position_embeddings - (factor - 1)) ** (
+        dim / (dim - 2)
+    )
     exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-    return 1.0 / (base ** exponent)
+    return 1.0 / (base**exponent)

@@ -59,7 +59,9 @@ def load_tokenizer(model_path: str):
 
     path = os.fspath(model_path)
     if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+        return AutoTokenizer.from_pretrained(
+            os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+        )
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -75,9 +77,13 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                )
             records.append((lineno, record))
     if not records:
         raise DataError(f"{path}: no examples (the file is empty)")
@@ -107,7 +113,10 @@ def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, in
         text = prompt + completion + eos
         return text, [(len(prompt), len(text))], True
     if "instruction" in record or "output" in record:
-        instruction, output = _string(record, "instruction", where), _string(record, "output", where)
+        instruction, output = (
+            _string(record, "instruction", where),
+            _string(record, "output", where),
+        )
         inp = _string(record, "input", where, optional=True)
         prompt = ALPACA_PROMPT.format(
             with_input=", paired with an input that provides further context" if inp else "",
@@ -126,12 +135,18 @@ def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, 
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list')
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise DataError(f'{where}: messages[{i}] must be {{"role": str, "content": str}}')
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message to learn from")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: chat examples need a tokenizer with a chat template; this one has none")
+        raise DataError(
+            f"{where}: chat examples need a tokenizer with a chat template; this one has none"
+        )
     full = apply_chat_template(tokenizer, messages)
     spans = []
     # Each assistant turn is what rendering messages[:i+1] adds to messages[:i] + the
@@ -142,9 +157,13 @@ def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, 
         before = apply_chat_template(tokenizer, messages[:i], add_generation_prompt=True)
         upto = apply_chat_template(tokenizer, messages[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise DataError(f"{where}: the chat template does not render turn by turn; cannot find the assistant span")
+            raise DataError(
+                f"{where}: the chat template does not render turn by turn; cannot find the assistant span"
+            )
         end = len(upto)
-        while end > len(before) and upto[end - 1].isspace():  # newline after the end marker: no loss
+        while (
+            end > len(before) and upto[end - 1].isspace()
+        ):  # newline after the end marker: no loss
             end -= 1
         spans.append((len(before), end))
     return full, spans
@@ -152,7 +171,9 @@ def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, 
 
 def apply_chat_template(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     """The conversation rendered as text (transformers 5 returns a dict when tokenizing; we never do)."""
-    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     return out if isinstance(out, str) else out["text"]
 
 
@@ -163,7 +184,12 @@ def tokenize(text: str, spans: Sequence[tuple[int, int]], tokenizer, add_bos: bo
     offsets = list(enc["offset_mapping"])
     mask = [int(any(s <= start < e for s, e in spans)) for start, _ in offsets]
     bos = tokenizer.bos_token_id
-    if add_bos and bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
+    if (
+        add_bos
+        and bos is not None
+        and getattr(tokenizer, "add_bos_token", True)
+        and (not ids or ids[0] != bos)
+    ):
         ids, mask = [bos] + ids, [0] + mask
     return Example(np.asarray(ids, np.int32), np.asarray(mask, np.uint8))
 
@@ -184,7 +210,9 @@ def load_examples(path: str, tokenizer, seq_len: int) -> tuple[list[Example], di
         ex = tokenize(text, spans, tokenizer, add_bos)
         if "text" in record and "messages" not in record and len(ex) > seq_len:
             for s in range(0, len(ex) - 1, seq_len):  # windows; a 1-token tail has no target
-                examples.append(Example(ex.input_ids[s : s + seq_len], ex.loss_mask[s : s + seq_len]))
+                examples.append(
+                    Example(ex.input_ids[s : s + seq_len], ex.loss_mask[s : s + seq_len])
+                )
             continue
         if len(ex) > seq_len:
             stats["truncated"] += 1
@@ -198,7 +226,9 @@ def load_examples(path: str, tokenizer, seq_len: int) -> tuple[list[Example], di
     return examples, stats
 
 
-def split_eval(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_eval(
+    examples: list[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     """A held-out split: ``round(fraction * n)`` examples (at least 1 when fraction > 0 and n > 1)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}")
@@ -224,7 +254,9 @@ def bucket_lengths(seq_len: int, smallest: int = 32) -> tuple[int, ...]:
     return tuple(out) + (seq_len,)
 
 
-def collate(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int) -> dict:
+def collate(
+    examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int
+) -> dict:
     """Right-pad ``examples`` into ``[batch_size, bucket]`` arrays; missing rows are all padding.
 
     Returns ``input_ids`` (int32), ``attention_mask`` (int32, 1 on real tokens) and
@@ -256,8 +288,15 @@ class BatchStream:
     the padding it saves.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int, seed: int,
-                 min_share: float = 0.1):
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        seed: int,
+        min_share: float = 0.1,
+    ):
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         if not examples:
@@ -271,17 +310,25 @@ class BatchStream:
         """The longest example of each batch of ``epoch``."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
         lengths = np.asarray([len(e) for e in self.examples])[order]
-        return [int(lengths[k : k + self.batch_size].max()) for k in range(0, len(order), self.batch_size)]
+        return [
+            int(lengths[k : k + self.batch_size].max())
+            for k in range(0, len(order), self.batch_size)
+        ]
 
     def __getitem__(self, index: int) -> dict:
         epoch, k = divmod(index, self.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+            self._order = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)),
+            )
         rows = self._order[1][k * self.batch_size : (k + 1) * self.batch_size]
         return collate([self.examples[r] for r in rows], self.batch_size, self.buckets, self.pad_id)
 
 
-def common_buckets(batch_lengths: Sequence[int], buckets: Sequence[int], min_share: float) -> tuple[int, ...]:
+def common_buckets(
+    batch_lengths: Sequence[int], buckets: Sequence[int], min_share: float
+) -> tuple[int, ...]:
     """The buckets that at least ``min_share`` of the batches fit best, plus the largest used."""
     best = [next(b for b in buckets if b >= n) for n in batch_lengths]
     used = [b for b in buckets if b in best]
@@ -289,7 +336,9 @@ def common_buckets(batch_lengths: Sequence[int], buckets: Sequence[int], min_sha
     return tuple(sorted(set(keep) | {used[-1]}))
 
 
-def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int) -> Iterator[dict]:
+def eval_batches(
+    examples: list[Example], batch_size: int, seq_len: int, pad_id: int
+) -> Iterator[dict]:
     """The held-out set in fixed order, all padded to one length (one compiled evaluation)."""
     longest = max(len(e) for e in examples)
     bucket = (next(b for b in bucket_lengths(seq_len) if b >= longest),)

@@ -45,34 +45,84 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=_Help,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hugging Face model directory, a .gguf file, or {DEFAULT_MODEL!r}")
-    p.add_argument("--data", default=None,
-                   help='JSONL with {"text"}, {"prompt","completion"}, Alpaca or {"messages"} lines'
-                        "; without it, the house-style set shipped with jqlora")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (adapter, metrics, checkpoints)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face model directory, a .gguf file, or {DEFAULT_MODEL!r}",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help='JSONL with {"text"}, {"prompt","completion"}, Alpaca or {"messages"} lines'
+        "; without it, the house-style set shipped with jqlora",
+    )
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help="output directory (adapter, metrics, checkpoints)"
+    )
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive(int), default=None, help="optimizer updates; without --steps or --epochs: 40")
-    length.add_argument("--epochs", type=_positive(float), default=None, help="passes over the training split")
+    length.add_argument(
+        "--steps",
+        type=_positive(int),
+        default=None,
+        help="optimizer updates; without --steps or --epochs: 40",
+    )
+    length.add_argument(
+        "--epochs", type=_positive(float), default=None, help="passes over the training split"
+    )
     p.add_argument("--batch-size", type=_positive(int), default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per update")
-    p.add_argument("--seq-len", type=_positive(int), default=128, help="longest sequence; longer examples are cut")
-    p.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate (constant after warm-up)")
+    p.add_argument(
+        "--seq-len",
+        type=_positive(int),
+        default=128,
+        help="longest sequence; longer examples are cut",
+    )
+    p.add_argument(
+        "--lr",
+        type=_positive(float),
+        default=2e-4,
+        help="peak learning rate (constant after warm-up)",
+    )
     p.add_argument("--lora-r", type=_positive(int), default=16, help="adapter rank")
-    p.add_argument("--lora-alpha", type=_positive(float), default=32, help="adapter scale = alpha / r")
-    p.add_argument("--lora-dropout", type=_fraction, default=0.05, help="dropout on the adapter input")
-    p.add_argument("--target-modules", default="all-linear",
-                   help='"all-linear", a comma-separated list of module names, or a regex')
-    p.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4", help="4-bit format of the base")
-    p.add_argument("--offload-optimizer", action="store_true", help="keep optimizer state in host memory")
-    p.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
-    p.add_argument("--eval-every", type=_positive(int), default=20, help="steps between held-out evaluations")
-    p.add_argument("--save-every", type=_positive(int), default=20, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0, help="seeds the adapters, data order, split and dropout")
-    p.add_argument("--mesh", type=_mesh, default=None,
-                   help="device mesh axes and sizes, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; "
-                        "see docs/distributed.md); default: one device")
+    p.add_argument(
+        "--lora-alpha", type=_positive(float), default=32, help="adapter scale = alpha / r"
+    )
+    p.add_argument(
+        "--lora-dropout", type=_fraction, default=0.05, help="dropout on the adapter input"
+    )
+    p.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help='"all-linear", a comma-separated list of module names, or a regex',
+    )
+    p.add_argument(
+        "--quant", choices=("nf4", "fp4", "none"), default="nf4", help="4-bit format of the base"
+    )
+    p.add_argument(
+        "--offload-optimizer", action="store_true", help="keep optimizer state in host memory"
+    )
+    p.add_argument(
+        "--remat", action="store_true", help="recompute each decoder layer in the backward pass"
+    )
+    p.add_argument(
+        "--eval-every", type=_positive(int), default=20, help="steps between held-out evaluations"
+    )
+    p.add_argument(
+        "--save-every", type=_positive(int), default=20, help="steps between checkpoints"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the adapters, data order, split and dropout"
+    )
+    p.add_argument(
+        "--mesh",
+        type=_mesh,
+        default=None,
+        help="device mesh axes and sizes, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; "
+        "see docs/distributed.md); default: one device",
+    )
     p.set_defaults(func=run)
 
 
@@ -83,7 +133,7 @@ def _mesh(text: str):
 
 
 def _targets(text: str):
-    """"all-linear" and regexes pass through; "q_proj,v_proj" becomes a list of names."""
+    """ "all-linear" and regexes pass through; "q_proj,v_proj" becomes a list of names."""
     if "," in text and not any(c in text for c in "^$()[]|*+?\\"):
         return [t.strip() for t in text.split(",") if t.strip()]
     return text

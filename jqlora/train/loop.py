@@ -46,9 +46,26 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_STEPS = 40  # the house style has taken by then on SmolLM2-135M (eval loss 2.90 -> 0.36)
 DEFAULT_OUT = os.path.join("runs", "smollm2-house-style")
 # Arguments that must agree between a run and the checkpoint it resumes from.
-_RESUME_KEYS = ("model", "data", "batch_size", "grad_accum", "seq_len", "lr", "lora_r", "lora_alpha",
-                "lora_dropout", "target_modules", "quant", "offload_optimizer", "remat", "seed",
-                "warmup_steps", "eval_fraction", "max_grad_norm", "compute_dtype")
+_RESUME_KEYS = (
+    "model",
+    "data",
+    "batch_size",
+    "grad_accum",
+    "seq_len",
+    "lr",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "quant",
+    "offload_optimizer",
+    "remat",
+    "seed",
+    "warmup_steps",
+    "eval_fraction",
+    "max_grad_norm",
+    "compute_dtype",
+)
 
 
 def default_data_path() -> str:
@@ -63,7 +80,9 @@ def resolve_model_path(model: str) -> str:
 
         return str(smollm2_gguf_path(fetch=True))
     if not os.path.exists(model):
-        raise FileNotFoundError(f"model {model!r}: no such directory or file (or use {DEFAULT_MODEL!r})")
+        raise FileNotFoundError(
+            f"model {model!r}: no such directory or file (or use {DEFAULT_MODEL!r})"
+        )
     return model
 
 
@@ -133,8 +152,13 @@ def _load_base(path: str, quant: str, progress: bool, place=None):
     from jqlora import QuantConfig, load_hf
 
     quantization = None if quant == "none" else QuantConfig(quant_type=quant, double_quant=True)
-    return load_hf(path, quantization=quantization, dtype=jnp.float32, progress=None if progress else False,
-                   place=place)
+    return load_hf(
+        path,
+        quantization=quantization,
+        dtype=jnp.float32,
+        progress=None if progress else False,
+        place=place,
+    )
 
 
 def finetune(
@@ -184,8 +208,12 @@ def finetune(
     t_start = time.time()
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
-    for name, v in (("batch_size", batch_size), ("grad_accum", grad_accum), ("eval_every", eval_every),
-                    ("save_every", save_every)):
+    for name, v in (
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("eval_every", eval_every),
+        ("save_every", save_every),
+    ):
         if v < 1:
             raise ValueError(f"{name} must be at least 1, got {v}")
     if quant not in ("nf4", "fp4", "none"):
@@ -193,7 +221,9 @@ def finetune(
     data = data or default_data_path()
     path = resolve_model_path(model)
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
-    lora_config = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules)
+    lora_config = LoraConfig(
+        r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
+    )
 
     tokenizer = data_lib.load_tokenizer(path)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
@@ -206,24 +236,44 @@ def finetune(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     warmup_steps = max(1, round(0.03 * steps)) if warmup_steps is None else warmup_steps
-    run_args = dict(model=model, data=os.path.abspath(data), batch_size=batch_size, grad_accum=grad_accum,
-                    seq_len=seq_len, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                    target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-                    quant=quant, offload_optimizer=offload_optimizer, remat=remat, seed=seed,
-                    warmup_steps=warmup_steps, eval_fraction=eval_fraction, max_grad_norm=max_grad_norm,
-                    compute_dtype=compute_dtype.name)
+    run_args = dict(
+        model=model,
+        data=os.path.abspath(data),
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        lr=lr,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        quant=quant,
+        offload_optimizer=offload_optimizer,
+        remat=remat,
+        seed=seed,
+        warmup_steps=warmup_steps,
+        eval_fraction=eval_fraction,
+        max_grad_norm=max_grad_norm,
+        compute_dtype=compute_dtype.name,
+    )
     ckpt_dir = os.path.join(out, "checkpoints")
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest and not resume:
-        raise ValueError(f"{out} already holds checkpoints of a run; pass resume=True (--resume) or another output directory")
+        raise ValueError(
+            f"{out} already holds checkpoints of a run; pass resume=True (--resume) or another output directory"
+        )
     if latest and resume:
         saved = ckpt.read_meta(latest)["args"]
         diff = {k: (saved.get(k), run_args[k]) for k in _RESUME_KEYS if saved.get(k) != run_args[k]}
         if diff:
-            raise ValueError(f"{latest}: cannot resume with different settings (saved, now): {diff}")
-    log(f"data: {data}: {len(train_set)} train / {len(eval_set)} held-out examples"
+            raise ValueError(
+                f"{latest}: cannot resume with different settings (saved, now): {diff}"
+            )
+    log(
+        f"data: {data}: {len(train_set)} train / {len(eval_set)} held-out examples"
         + (f" ({stats['truncated']} truncated to {seq_len} tokens)" if stats["truncated"] else "")
-        + (f" ({stats['dropped']} without a target dropped)" if stats["dropped"] else ""))
+        + (f" ({stats['dropped']} without a target dropped)" if stats["dropped"] else "")
+    )
 
     device_mesh = None
     if mesh is not None:
@@ -231,12 +281,15 @@ def finetune(
 
         device_mesh = sharding.make_mesh(mesh)
         if batch_size % sharding.batch_shards(device_mesh):
-            raise ValueError(f"batch_size {batch_size} does not divide over the batch axes of mesh "
-                             f"{dict(device_mesh.shape)}")
+            raise ValueError(
+                f"batch_size {batch_size} does not divide over the batch axes of mesh "
+                f"{dict(device_mesh.shape)}"
+            )
         log(f"mesh: {dict(device_mesh.shape)}")
     log(f"model: {path} ({'float' if quant == 'none' else quant + ' + double quant'})")
-    base, params = _load_base(path, quant, progress,
-                              place=None if device_mesh is None else sharding.placer(device_mesh))
+    base, params = _load_base(
+        path, quant, progress, place=None if device_mesh is None else sharding.placer(device_mesh)
+    )
     lora = init_lora(jax.random.key(seed), params, lora_config)
     optimizer = make_optimizer(make_schedule(lr, warmup_steps), max_grad_norm=max_grad_norm)
     if grad_accum > 1:
@@ -250,8 +303,9 @@ def finetune(
         state, params = sharding.shard_train_state(state, params, device_mesh)
         lora = state.lora
     rng = jax.random.key(seed + 1)
-    step_fn = make_train_step(base, optimizer, compute_dtype=compute_dtype,
-                              remat="nothing_saveable" if remat else None)
+    step_fn = make_train_step(
+        base, optimizer, compute_dtype=compute_dtype, remat="nothing_saveable" if remat else None
+    )
     eval_fn = make_eval_fn(base, compute_dtype)
     sample_ids = _prompt_of(eval_set[0] if eval_set else train_set[0]) if sample else None
 
@@ -267,13 +321,21 @@ def finetune(
     else:
         os.makedirs(out, exist_ok=True)
         open(metrics_path, "w").close()
-        meta = {"eval_loss_before": evaluate_loss(eval_fn, lora, params, eval_set, batch_size, seq_len, pad_id),
-                "sample_before": None, "train_time_s": 0.0, "timed_tokens": 0, "timed_s": 0.0}
+        meta = {
+            "eval_loss_before": evaluate_loss(
+                eval_fn, lora, params, eval_set, batch_size, seq_len, pad_id
+            ),
+            "sample_before": None,
+            "train_time_s": 0.0,
+            "timed_tokens": 0,
+            "timed_s": 0.0,
+        }
         if sample:
             # B = 0 at init: the adapted model is the base model, and the program is the one
             # the sample after training reuses (one compilation instead of two).
-            meta["sample_before"] = report_lib.sample_answer(base, params, lora, tokenizer, sample_ids,
-                                                             max_new_tokens=max_new_tokens)
+            meta["sample_before"] = report_lib.sample_answer(
+                base, params, lora, tokenizer, sample_ids, max_new_tokens=max_new_tokens
+            )
         log(f"eval loss before: {_fmt(meta['eval_loss_before'])}")
     meta["args"] = run_args
 
@@ -301,47 +363,78 @@ def finetune(
             if not compiled:  # throughput of steps that did not include compiling a new shape
                 meta["timed_tokens"] += tokens
                 meta["timed_s"] += dt
-            record = {"step": step + 1, "loss": loss, "tokens_per_s": tokens / dt,
-                      "grad_norm": float(m["grad_norm"]), "lr": float(make_schedule(lr, warmup_steps)(step))}
+            record = {
+                "step": step + 1,
+                "loss": loss,
+                "tokens_per_s": tokens / dt,
+                "grad_norm": float(m["grad_norm"]),
+                "lr": float(make_schedule(lr, warmup_steps)(step)),
+            }
             done = step + 1
             if eval_set and (done % eval_every == 0 or done == steps):
-                last_eval = evaluate_loss(eval_fn, state.lora, params, eval_set, batch_size, seq_len, pad_id)
+                last_eval = evaluate_loss(
+                    eval_fn, state.lora, params, eval_set, batch_size, seq_len, pad_id
+                )
                 record["eval_loss"] = last_eval
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", eval_loss=_fmt(last_eval), tok_s=f"{tokens / dt:.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.3f}", eval_loss=_fmt(last_eval), tok_s=f"{tokens / dt:.0f}"
+            )
             if done % save_every == 0 or done == steps:
-                meta["data_position"] = done * grad_accum  # micro-batches consumed: stream[i] is next
+                meta["data_position"] = (
+                    done * grad_accum
+                )  # micro-batches consumed: stream[i] is next
                 ckpt.save_checkpoint(ckpt_dir, done, {"state": state, "rng": rng}, meta)
     bar.close()
 
     lora = state.lora
     if start_step >= steps and eval_set:
         last_eval = evaluate_loss(eval_fn, lora, params, eval_set, batch_size, seq_len, pad_id)
-    sample_after = (report_lib.sample_answer(base, params, lora, tokenizer, sample_ids, max_new_tokens=max_new_tokens)
-                    if sample else None)
+    sample_after = (
+        report_lib.sample_answer(
+            base, params, lora, tokenizer, sample_ids, max_new_tokens=max_new_tokens
+        )
+        if sample
+        else None
+    )
     from jqlora.hf.peft import save_peft_adapter
 
     save_peft_adapter(out, lora, lora_config, base_model_name_or_path=model)
     result = FinetuneResult(
-        out=out, model=model, data=data, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-        seq_len=seq_len, n_train=len(train_set), n_eval=len(eval_set),
-        eval_loss_before=meta["eval_loss_before"], eval_loss_after=last_eval,
+        out=out,
+        model=model,
+        data=data,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        n_train=len(train_set),
+        n_eval=len(eval_set),
+        eval_loss_before=meta["eval_loss_before"],
+        eval_loss_after=last_eval,
         tokens_per_s=meta["timed_tokens"] / meta["timed_s"] if meta["timed_s"] else 0.0,
-        train_time_s=meta["train_time_s"], memory=report_lib.peak_memory_bytes(),
+        train_time_s=meta["train_time_s"],
+        memory=report_lib.peak_memory_bytes(),
         sample_prompt=tokenizer.decode(sample_ids) if sample else None,
-        sample_before=meta["sample_before"], sample_after=sample_after, lora=lora,
+        sample_before=meta["sample_before"],
+        sample_after=sample_after,
+        lora=lora,
     )
     report_lib.plot_loss(report_lib.read_metrics(metrics_path), os.path.join(out, "loss.png"))
     text = report_lib.format_report(result)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
-    log(f"eval loss: {_fmt(result.eval_loss_before)} before -> {_fmt(result.eval_loss_after)} after")
+    log(
+        f"eval loss: {_fmt(result.eval_loss_before)} before -> {_fmt(result.eval_loss_after)} after"
+    )
     if sample:
         log(f"sample before: {result.sample_before!r}\nsample after:  {result.sample_after!r}")
-    log(f"{result.tokens_per_s:.0f} tokens/s, peak RSS {result.memory['peak_rss_bytes'] / 2**30:.2f} GiB, "
-        f"{time.time() - t_start:.0f} s in all; adapter, loss.png and report.md in {out}")
+    log(
+        f"{result.tokens_per_s:.0f} tokens/s, peak RSS {result.memory['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        f"{time.time() - t_start:.0f} s in all; adapter, loss.png and report.md in {out}"
+    )
     return result
 
 

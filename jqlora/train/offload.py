@@ -66,7 +66,9 @@ def offload(optimizer: optax.GradientTransformation) -> optax.GradientTransforma
             for device in x.devices():
                 kinds = [m.kind for m in device.addressable_memories()]
                 if HOST not in kinds:
-                    raise ValueError(f"offload: device {device} has no {HOST!r} memory; it offers {kinds}")
+                    raise ValueError(
+                        f"offload: device {device} has no {HOST!r} memory; it offers {kinds}"
+                    )
         return to_host(state)
 
     def update_fn(updates, state, params=None):

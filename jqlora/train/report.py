@@ -16,9 +16,15 @@ def sample_answer(model, params, lora, tokenizer, prompt_ids, *, max_new_tokens:
     from jqlora.generate import generate
 
     stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
-    ids = generate(model, params, np.asarray(prompt_ids)[None], lora=lora, max_new_tokens=max_new_tokens,
-                   eos_token_id=stop or None)
-    return tokenizer.decode(ids[0, len(prompt_ids):], skip_special_tokens=True).strip()
+    ids = generate(
+        model,
+        params,
+        np.asarray(prompt_ids)[None],
+        lora=lora,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop or None,
+    )
+    return tokenizer.decode(ids[0, len(prompt_ids) :], skip_special_tokens=True).strip()
 
 
 def peak_memory_bytes() -> dict:

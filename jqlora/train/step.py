@@ -124,7 +124,9 @@ def _cast_base(params, dtype):
     return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
 
 
-def loss_fn(lora, params, batch: dict, *, model, compute_dtype=None, rng=None) -> tuple[jax.Array, dict]:
+def loss_fn(
+    lora, params, batch: dict, *, model, compute_dtype=None, rng=None
+) -> tuple[jax.Array, dict]:
     """Forward pass of ``model`` with adapters ``lora`` and the next-token loss.
 
     Differentiate with respect to ``lora`` (argument 0) only. ``compute_dtype`` casts the
@@ -172,7 +174,9 @@ def init_train_state(lora, optimizer: optax.GradientTransformation) -> TrainStat
     return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=optimizer.init(lora))
 
 
-def configure_model(model, *, compute_dtype=None, remat: str | None = None, scan_layers: bool | None = None):
+def configure_model(
+    model, *, compute_dtype=None, remat: str | None = None, scan_layers: bool | None = None
+):
     """``model`` with the train-time fields it declares set (see the module doc).
 
     Asking for ``remat`` or ``scan_layers`` on a model without that field is an error,
@@ -187,9 +191,15 @@ def configure_model(model, *, compute_dtype=None, remat: str | None = None, scan
         if not hasattr(model, name):
             if not value:  # asking for the default of a model without the option
                 continue
-            raise ValueError(f"{type(model).__name__} has no '{name}' field; cannot set {name}={value!r}")
+            raise ValueError(
+                f"{type(model).__name__} has no '{name}' field; cannot set {name}={value!r}"
+            )
         fields[name] = value
-    if remat is not None and remat is not False and not hasattr(jax.checkpoint_policies, str(remat)):
+    if (
+        remat is not None
+        and remat is not False
+        and not hasattr(jax.checkpoint_policies, str(remat))
+    ):
         names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
         raise ValueError(f"unknown remat policy {remat!r}; expected one of {names}")
     return model.clone(**fields) if fields else model
@@ -216,14 +226,18 @@ def make_train_step(
     to ``default_compute_dtype()``; ``remat`` / ``scan_layers`` are passed to the model.
     """
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
-    model = configure_model(model, compute_dtype=compute_dtype, remat=remat, scan_layers=scan_layers)
+    model = configure_model(
+        model, compute_dtype=compute_dtype, remat=remat, scan_layers=scan_layers
+    )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, params, batch: dict, rng=None):
         # Shapes are static: this runs once per compilation, so a mismatched adapter fails
         # here with the module's name rather than deep inside a matmul.
         check_lora(params, state.lora)
-        (loss, aux), grads = grad_fn(state.lora, params, batch, model=model, compute_dtype=compute_dtype, rng=rng)
+        (loss, aux), grads = grad_fn(
+            state.lora, params, batch, model=model, compute_dtype=compute_dtype, rng=rng
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": aux["tokens"]}
