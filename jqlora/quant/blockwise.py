@@ -80,12 +80,14 @@ def bucketize(x: jax.Array, quant_type: str) -> jax.Array:
     above every bound, as ``torch.bucketize`` does.
     """
     bounds, order = bucket_bounds(quant_type)
-    above = []  # above[k]: x is in the upper half at step k (bit 3 - k of the bucket index)
+    above: list[
+        jax.Array
+    ] = []  # above[k]: x is in the upper half at step k (bit 3 - k of the bucket index)
     for step in (8, 4, 2, 1):
         candidates = [np.float32(bounds[base + step - 1]) for base in range(0, 16, 2 * step)]
         above.append(~(x <= _choose(above, candidates)))
     if np.array_equal(order, np.arange(16)):
-        return sum(jnp.where(bit, 1 << (3 - k), 0) for k, bit in enumerate(above))
+        return jnp.asarray(sum(jnp.where(bit, 1 << (3 - k), 0) for k, bit in enumerate(above)))
     return _choose(above, [np.int32(o) for o in order])
 
 
@@ -170,22 +172,25 @@ def decode_absmax(qt: QuantizedTensor) -> jax.Array:
     in bitsandbytes; fused into one FMA (as XLA does under jit) thousands of values move by
     one ulp.
     """
-    if not qt.double_quant:
+    nested_absmax, offset = qt.nested_absmax, qt.offset
+    if nested_absmax is None:  # not double-quantized
         return qt.absmax
+    if offset is None:
+        raise ValueError("a double-quantized tensor needs its offset")
     q = qt.absmax.reshape(-1).astype(jnp.int32)
     n_blocks = q.shape[0]
-    n_nested = qt.nested_absmax.shape[-1]
+    n_nested = nested_absmax.shape[-1]
     q = jnp.pad(q, (0, n_nested * NESTED_BLOCKSIZE - n_blocks)).reshape(n_nested, NESTED_BLOCKSIZE)
-    scaled = (jnp.asarray(DYNAMIC_SIGNED)[q] * qt.nested_absmax.reshape(-1, 1)).reshape(-1)
+    scaled = (jnp.asarray(DYNAMIC_SIGNED)[q] * nested_absmax.reshape(-1, 1)).reshape(-1)
     # XLA drops optimization barriers and contracts the multiply-add into one FMA. A select
     # on the product's bits keeps the multiply from feeding the add directly, so the product
     # is rounded first. Its condition is false only when the offset is one particular NaN,
     # and then the sum is NaN whichever arm is taken; no compiler can prove that.
     bits = jax.lax.bitcast_convert_type(scaled, jnp.int32)
-    offset_bits = jax.lax.bitcast_convert_type(jnp.asarray(qt.offset, jnp.float32), jnp.int32)
+    offset_bits = jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.float32), jnp.int32)
     bits = jnp.where(offset_bits != jnp.int32(0x7FBADBAD), bits, bits ^ 1)
     scaled = jax.lax.bitcast_convert_type(bits, jnp.float32)[:n_blocks]
-    return scaled + qt.offset
+    return scaled + offset
 
 
 @functools.partial(

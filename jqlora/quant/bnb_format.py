@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,7 +43,7 @@ def _state_key(prefix: str, quant_type: str) -> str:
 def to_bnb(qt: QuantizedTensor, prefix: str = "weight") -> dict[str, np.ndarray]:
     """The state-dict entries transformers + bitsandbytes write for ``qt`` under ``prefix``."""
     n = qt.size
-    out = {prefix: np.asarray(qt.codes, np.uint8).reshape((n + 1) // 2, 1)}
+    out: dict[str, np.ndarray] = {prefix: np.asarray(qt.codes, np.uint8).reshape((n + 1) // 2, 1)}
     out[f"{prefix}.absmax"] = np.asarray(qt.absmax).reshape(-1)
     out[f"{prefix}.quant_map"] = codebook(qt.quant_type).copy()
     meta = {
@@ -143,21 +144,22 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
         f"quant_map is not the {quant_type} code book",
     )
 
-    nested = offset = None
+    nested: jax.Array | None = None
+    offset: jax.Array | None = None
     if "nested_offset" in meta or f"{prefix}.nested_absmax" in state_dict:
         _expect(
             "nested_offset" in meta,
             prefix,
             "nested_absmax is present but the quant state has no nested_offset",
         )
-        nested = (
+        nested_np = (
             _array(state_dict, f"{prefix}.nested_absmax", prefix).reshape(-1).astype(np.float32)
         )
         n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
         _expect(
-            nested.size == n_nested,
+            nested_np.size == n_nested,
             prefix,
-            f"nested_absmax has {nested.size} entries, {n_nested} expected",
+            f"nested_absmax has {nested_np.size} entries, {n_nested} expected",
         )
         _expect(
             int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)) == NESTED_BLOCKSIZE,
@@ -176,7 +178,7 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
             f"double-quantized absmax must be uint8, got {absmax.dtype}",
         )
         offset = jnp.asarray(np.float32(meta["nested_offset"]))
-        nested = jnp.asarray(nested)
+        nested = jnp.asarray(nested_np)
     else:
         _expect(absmax.dtype == np.float32, prefix, f"absmax must be float32, got {absmax.dtype}")
 
