@@ -6,7 +6,7 @@
 ``generate`` runs all prompts as one left-padded batch through ``jqlora.generate`` and
 prints each continuation; ``chat`` applies the tokenizer's chat template to the
 conversation so far and streams the reply token by token. The tokenizer is the model's
-own (transformers' ``AutoTokenizer``, also from a GGUF file).
+own (transformers' ``AutoTokenizer``; from a GGUF file, ``jqlora.hf.tokenizer``).
 """
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ from jqlora.cli import InputError
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    if model_path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(
-            os.path.dirname(model_path) or ".", gguf_file=os.path.basename(model_path)
-        )
-    return AutoTokenizer.from_pretrained(model_path)
-
-
 def eos_ids(model_path: str, tokenizer) -> list[int]:
     """The tokenizer's eos plus any listed in the checkpoint's generation_config.json."""
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -49,6 +39,7 @@ def load_for_inference(args):
     """``(model, params, lora, tokenizer)`` from the command line's model options."""
     from jqlora.hf import QuantConfig, load_hf
     from jqlora.hf.peft import load_peft_adapter
+    from jqlora.hf.tokenizer import load_tokenizer
 
     if not os.path.exists(args.model):
         raise InputError(f"--model {args.model}: no such file or directory")

@@ -54,15 +54,11 @@ class Example:
 
 
 def load_tokenizer(model_path: str):
-    """The transformers tokenizer of a model directory or a GGUF file (which carries its own)."""
-    from transformers import AutoTokenizer
+    """The transformers tokenizer of a model directory or a GGUF file (which carries its own);
+    no PyTorch needed (``jqlora.hf.tokenizer``)."""
+    from jqlora.hf.tokenizer import load_tokenizer as load
 
-    path = os.fspath(model_path)
-    if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(
-            os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
-        )
-    return AutoTokenizer.from_pretrained(path)
+    return load(model_path)
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
