@@ -210,19 +210,19 @@ def _fit_quantized(path: str, qt: QuantizedTensor, groups, mesh) -> list[tuple[s
     )
 
 
-def _quantized_shardings(qt: QuantizedTensor, out_g, in_g, mesh) -> QuantizedTensor:
+def _quantized_shardings(qt: QuantizedTensor, out_g, in_g, mesh):
     """A ``QuantizedTensor`` whose array fields are the ``NamedSharding`` of each array."""
     codes = _spec([out_g, in_g]) if qt.codes.ndim == 2 else _spec([out_g])
     nested_ok = out_g and qt.n_blocks % (NESTED_BLOCKSIZE * _size(mesh, out_g)) == 0
-    return dataclasses.replace(
-        qt,
-        codes=NamedSharding(mesh, codes),
-        absmax=NamedSharding(mesh, _spec([out_g])),
-        nested_absmax=None
-        if qt.nested_absmax is None
-        else NamedSharding(mesh, _spec([out_g if nested_ok else ()])),
-        offset=None if qt.offset is None else NamedSharding(mesh, P()),
-    )
+    by_field = {
+        "codes": NamedSharding(mesh, codes),
+        "absmax": NamedSharding(mesh, _spec([out_g])),
+        "nested_absmax": NamedSharding(mesh, _spec([out_g if nested_ok else ()])),
+        "offset": NamedSharding(mesh, P()),
+    }
+    # A pytree map, not dataclasses.replace: the leaves become shardings, not arrays, and
+    # an absent (None) field stays absent.
+    return jax.tree_util.tree_map_with_path(lambda path, _: by_field[path[0].name], qt)
 
 
 def _is_qt(x) -> bool:
@@ -295,7 +295,8 @@ def like_tree(state, tree, shardings, mesh: Mesh):
     shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
 
     def like(x) -> bool:
-        return treedef.num_leaves > 1 and jax.tree.structure(x) == treedef
+        # jaxlib ships no stub for PyTreeDef, so mypy cannot see its attributes or ==.
+        return treedef.num_leaves > 1 and jax.tree.structure(x) == treedef  # type: ignore[attr-defined, operator]
 
     def memory_kind(x):
         return getattr(getattr(x, "sharding", None), "memory_kind", None)
@@ -392,10 +393,10 @@ def process_rows(global_rows: int, mesh: Mesh) -> slice:
     With one process, all of them. The mesh's device order must give each process one
     contiguous block of rows (``make_mesh`` over ``jax.devices()`` does).
     """
-    index = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
-    bounds = sorted(
-        {(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in index.values()}
-    )
+    sharding = batch_sharding(mesh)
+    index = sharding.devices_indices_map((global_rows,))
+    rows = [index[device][0] for device in sharding.addressable_devices]
+    bounds = sorted({(r.start or 0, global_rows if r.stop is None else r.stop) for r in rows})
     covered = sum(hi - lo for lo, hi in bounds)
     lo, hi = bounds[0][0], bounds[-1][1]
     if covered != hi - lo:

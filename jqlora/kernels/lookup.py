@@ -25,7 +25,7 @@ from jqlora.quant.codebooks import codebook
 
 def select_tree(codes: jax.Array, book: np.ndarray) -> jax.Array:
     """``book[codes]`` (float32) for int32 ``codes`` in [0, 16), without a gather."""
-    values = [np.float32(v) for v in book]
+    values: list[jax.Array | np.float32] = [np.float32(v) for v in book]
     for bit in range(4):
         take_odd = ((codes >> bit) & 1) != 0
         values = [
@@ -72,7 +72,8 @@ def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
             mat = type(avals[0].mat)(varying=varying)
             return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
         if hasattr(avals[0], "vma"):
-            return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+            # jax before 0.10 takes vma; the installed jax's signature may not list it.
+            return jax.ShapeDtypeStruct(shape, dtype, vma=varying)  # type: ignore[call-arg]
     except TypeError:  # a jax whose ShapeDtypeStruct takes neither: nothing to declare
         pass
     return jax.ShapeDtypeStruct(shape, dtype)

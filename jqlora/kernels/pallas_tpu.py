@@ -121,6 +121,8 @@ _SQUEEZED = pl.squeezed if hasattr(pl, "squeezed") else None
 def _scales_t(w: KernelWeight, tiles: Tiles) -> jax.Array:
     """absmax as ``(K/bk, bk/bs, N)``: one K step's scales are a whole trailing 2-D block, so
     Mosaic's (8, 128) rule holds for any number of blocks per step."""
+    if w.absmax is None:
+        raise ValueError("_scales_t needs the weight's arrays, not only its static geometry")
     nb = tiles.bk // w.blocksize
     return w.absmax.T.reshape(w.k // tiles.bk, nb, w.n)
 

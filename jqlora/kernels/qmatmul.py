@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,7 @@ def _kernels(backend: str):
     if backend == "xla":
         return xla.matmul, xla.matmul_t
     interpret = jax.default_backend() == "cpu"
+    mod: types.ModuleType  # imported lazily: each Pallas back end imports its own jax modules
     if backend == "pallas_gpu":
         from jqlora.kernels import pallas_gpu as mod
     else:

@@ -38,6 +38,7 @@ def local_weight(w: QuantizedTensor) -> QuantizedTensor:
         raise ValueError(
             f"qmatmul: the weight must be 2-D [out, in], got a QuantizedTensor of shape {w.shape}"
         )
+    shape: tuple[int, ...]
     if w.codes.ndim == 2:
         shape = (int(w.codes.shape[0]), 2 * int(w.codes.shape[1]))
     else:
