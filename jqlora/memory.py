@@ -78,6 +78,19 @@ def quantized_bytes(n: int, blocksize: int = 64, double_quant: bool = True) -> i
     return -(-n // 2) + 4 * n_blocks
 
 
+def _optional(c: Mapping, *keys: str) -> int | None:
+    """The first of ``keys`` that the config sets (to a non-zero value), else None."""
+    return next((c[key] for key in keys if c.get(key)), None)
+
+
+def _required(c: Mapping, *keys: str) -> int:
+    """The first of ``keys`` that the config sets; ValueError when it sets none of them."""
+    value = _optional(c, *keys)
+    if value is None:
+        raise ValueError(f"model config sets none of {list(keys)}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """What the activation count needs to know of an architecture."""
@@ -93,16 +106,16 @@ class Shapes:
 
     @classmethod
     def from_hf(cls, c: dict) -> Shapes:
-        hidden = c.get("hidden_size") or c.get("n_embd")
-        heads = c.get("num_attention_heads") or c.get("n_head")
-        inter = c.get("intermediate_size") or c.get("ffn_dim") or c.get("n_inner") or 4 * hidden
+        hidden = _required(c, "hidden_size", "n_embd")
+        heads = _required(c, "num_attention_heads", "n_head")
+        inter = _optional(c, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden
         return cls(
-            layers=c.get("num_hidden_layers") or c.get("n_layer"),
+            layers=_required(c, "num_hidden_layers", "n_layer"),
             hidden=hidden,
             intermediate=inter,
             heads=heads,
-            kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or hidden // heads,
+            kv_heads=_optional(c, "num_key_value_heads") or heads,
+            head_dim=_optional(c, "head_dim") or hidden // heads,
             vocab=c["vocab_size"],
             gated_mlp=c.get("model_type") in ("llama", "mistral", "qwen2"),
         )
@@ -304,15 +317,16 @@ def estimate_memory(
     lora = jax.eval_shape(lambda: init_lora(jax.random.key(0), params, lora_config))
     lora_params = sum(x.size for x in jax.tree.leaves(lora))
 
-    sizes = []  # element counts of the quantized weights
+    sizes: list[int] = []  # element counts of the quantized weights
+    quant_bytes = 0
     if quant is not None:
         sizes = [
             get_in(params, p + ("weight",)).size
             for p in linear_modules(params)
             if quant.quantizes(dotted(p))
         ]
+        quant_bytes = sum(quantized_bytes(n, quant.blocksize, quant.double_quant) for n in sizes)
     quantized = sum(sizes)
-    quant_bytes = sum(quantized_bytes(n, quant.blocksize, quant.double_quant) for n in sizes)
     scratch = dequantize_scratch_bytes(sizes, dbytes) if backend == "xla" else 0
     base_bytes = quant_bytes + (base_params - quantized) * dbytes
 

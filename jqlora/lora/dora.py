@@ -16,6 +16,8 @@ are ``k * x W^T``). The norm needs the dequantized weight, computed here in floa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -30,20 +32,20 @@ def float_weight(weight, dtype=jnp.float32) -> jax.Array:
     return jnp.asarray(weight).astype(dtype)
 
 
-def delta_weight(adapter: dict) -> jax.Array:
+def delta_weight(adapter: Mapping) -> jax.Array:
     """``s * B @ A`` in float32, shape [*lead, out, in]."""
     a = adapter["a"].astype(jnp.float32)
     b = adapter["b"].astype(jnp.float32)
     return (b @ a) * jnp.float32(adapter["spec"].scale)
 
 
-def weight_norm(weight, adapter: dict) -> jax.Array:
+def weight_norm(weight, adapter: Mapping) -> jax.Array:
     """``||W + s B A||`` per output row, float32 [*lead, out]. ``weight`` may be quantized."""
     return jnp.linalg.norm(float_weight(weight) + delta_weight(adapter), axis=-1)
 
 
 def dora_linear(
-    x: jax.Array, base_out: jax.Array, weight, adapter: dict, dropped_x: jax.Array | None
+    x: jax.Array, base_out: jax.Array, weight, adapter: Mapping, dropped_x: jax.Array | None
 ) -> jax.Array:
     """DoRA's ``y`` without bias (module doc); ``base_out = x W^T``.
 
@@ -60,7 +62,7 @@ def dora_linear(
     return base_out + (k - 1) * qmatmul(xd, weight, compute_dtype=x.dtype) + k * lora_out
 
 
-def merged_dora_weight(weight, adapter: dict) -> jax.Array:
+def merged_dora_weight(weight, adapter: Mapping) -> jax.Array:
     """``m / ||W + s B A|| * (W + s B A)`` in float32, as PEFT's ``merge`` folds DoRA in."""
     w = float_weight(weight) + delta_weight(adapter)
     return (adapter["magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=-1))[..., None] * w

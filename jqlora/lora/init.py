@@ -26,6 +26,7 @@ from jqlora.lora.config import LoraConfig
 from jqlora.lora.dora import weight_norm
 from jqlora.lora.spec import LoraSpec
 from jqlora.lora.targets import Path, dotted, get_in, select_targets, set_in, weight_dims
+from jqlora.quant import QuantizedTensor
 
 
 def layer_key(key: jax.Array, path: Path) -> jax.Array:
@@ -33,7 +34,9 @@ def layer_key(key: jax.Array, path: Path) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(dotted(path).encode()) & 0x7FFFFFFF)
 
 
-def target_layers(params: Mapping, config: LoraConfig) -> list[tuple[Path, object, int, LoraSpec]]:
+def target_layers(
+    params: Mapping, config: LoraConfig
+) -> list[tuple[Path, jax.Array | QuantizedTensor, int, LoraSpec]]:
     """``(path, weight, r, spec)`` for every targeted layer; checks r against its shape."""
     layers = []
     for path in select_targets(params, config):

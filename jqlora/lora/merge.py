@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 
 from jqlora.lora.check import adapters, check_lora
@@ -45,9 +46,10 @@ def merge_lora(params: Mapping, lora: Mapping, *, dtype=None, requantize=None) -
         else:
             w = float_weight(weight) + delta_weight(entry)
         w = w.astype(dtype or weight.dtype)
+        stored: jax.Array | QuantizedTensor = w
         if requantize is not None:
-            w = quantize_as(w, requantize, dotted(path))
-        merged = set_in(merged, path + ("weight",), w)
+            stored = quantize_as(w, requantize, dotted(path))
+        merged = set_in(merged, path + ("weight",), stored)
         paths.append(path)
     if requantize is not None:
         warnings.warn(

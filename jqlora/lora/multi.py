@@ -53,14 +53,14 @@ def stack_adapters(adapters: Sequence[Mapping]) -> dict:
     for path, (out_f, in_f, rank) in shapes.items():
         a_s, b_s = [], []
         for tree in trees:
-            e = tree.get(path)
-            if e is None:
+            entry = tree.get(path)
+            if entry is None:
                 a_s.append(jnp.zeros((rank, in_f), jnp.float32))
                 b_s.append(jnp.zeros((out_f, rank), jnp.float32))
                 continue
-            pad = rank - e["a"].shape[0]
-            a_s.append(jnp.pad(jnp.asarray(e["a"], jnp.float32), ((0, pad), (0, 0))))
-            b = jnp.asarray(e["b"], jnp.float32) * e["spec"].scale
+            pad = rank - entry["a"].shape[0]
+            a_s.append(jnp.pad(jnp.asarray(entry["a"], jnp.float32), ((0, pad), (0, 0))))
+            b = jnp.asarray(entry["b"], jnp.float32) * entry["spec"].scale
             b_s.append(jnp.pad(b, ((0, 0), (0, pad))))
         node = stacked
         for part in path:

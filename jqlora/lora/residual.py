@@ -42,6 +42,8 @@ def svd_lowrank(w: jax.Array, q: int, niter: int, key: jax.Array | None = None, 
     m, n = w.shape[-2:]
     a = w if m >= n else jnp.swapaxes(w, -1, -2)  # the algorithm assumes a tall matrix
     if omega is None:
+        if key is None:
+            raise ValueError("svd_lowrank: pass a key to draw the test matrix, or omega")
         omega = jax.random.normal(key, (*a.shape[:-2], a.shape[-1], q), a.dtype)
     qb = jnp.linalg.qr(a @ omega)[0]
     for _ in range(niter):
@@ -52,7 +54,9 @@ def svd_lowrank(w: jax.Array, q: int, niter: int, key: jax.Array | None = None, 
     return (u, s, v) if m >= n else (v, s, u)
 
 
-def top_singular(w: jax.Array, r: int, niter: int | None, key: jax.Array | None):
+def top_singular(
+    w: jax.Array, r: int, niter: int | None, key: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(U_r [out, r], S_r [r], V_r^T [r, in])``: exact SVD, or randomized with ``niter``."""
     if niter is None:
         u, s, vh = jnp.linalg.svd(w, full_matrices=False)
@@ -100,7 +104,7 @@ def loftq(
 
 def init_lora_and_residual(
     key: jax.Array, params: Mapping, config: LoraConfig, *, quantization=None, dtype=jnp.float32
-) -> tuple[dict, dict]:
+) -> tuple[Mapping, dict]:
     """``(params, lora)`` for a PiSSA or LoftQ ``config``: the residual base and its adapters.
 
     Targeted layers get ``base = W - s B A`` (see module doc); with ``quantization`` every
@@ -113,8 +117,8 @@ def init_lora_and_residual(
     except for the quantization.
     """
     if not config.changes_base:
-        lora = init_lora(key, params, config, dtype=dtype)
-        return quantize_linear(params, quantization), lora
+        adapters = init_lora(key, params, config, dtype=dtype)
+        return quantize_linear(params, quantization), adapters
     if config.init == "loftq" and quantization is None:
         raise ValueError(
             "LoftQ chooses the quantized base itself: pass quantization=QuantConfig(...) "
