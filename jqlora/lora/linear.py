@@ -10,32 +10,36 @@ Dropout runs only when the caller passes a ``"dropout"`` rng.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jqlora.kernels import qmatmul
+from jqlora.lora.branch import dropout, dropout_seed, lora_delta
 from jqlora.lora.dora import dora_linear
+from jqlora.quant import QuantizedTensor
 
 ADAPTER_KEYS = ("a", "b", "spec")
 DORA_KEY = "magnitude"
 
 
 def lora_dropout(x: jax.Array, rate: float, rng) -> jax.Array | None:
-    """Inverted dropout of ``x`` at ``rate``, or None when no dropout runs (no rng, or rate 0)."""
+    """Inverted dropout of ``x`` at ``rate`` (``branch.dropout``), or None when no dropout
+    runs (no rng, or rate 0)."""
     if rng is None or rate <= 0.0:
         return None
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return dropout(x, dropout_seed(rng), rate)
 
 
 def lora_branch(x: jax.Array, adapter: dict, *, dropout_rng=None) -> jax.Array:
-    """``scale * (dropout(x) @ a.T @ b.T)`` in x's dtype."""
+    """``scale * (dropout(x) @ a.T @ b.T)`` in x's dtype (backward pass: ``branch.py``)."""
     spec = adapter["spec"]
     a, b = adapter["a"].astype(x.dtype), adapter["b"].astype(x.dtype)
-    dropped = lora_dropout(x, spec.dropout, dropout_rng)
-    x = x if dropped is None else dropped
-    return ((x @ a.T) @ b.T) * jnp.asarray(spec.scale, x.dtype)
+    use_dropout = dropout_rng is not None and spec.dropout > 0.0
+    seed = dropout_seed(dropout_rng) if use_dropout else None
+    return lora_delta(x, a, b, seed, float(spec.scale), float(spec.dropout))
 
 
 class Linear(nn.Module):
@@ -51,7 +55,7 @@ class Linear(nn.Module):
         if self.has_variable("params", "weight"):
             # Read directly: flax's shape check would compare a QuantizedTensor's packed
             # codes against the float shape and refuse.
-            weight = self.get_variable("params", "weight")
+            weight: jax.Array | QuantizedTensor = self.get_variable("params", "weight")
         else:
             weight = self.param(
                 "weight", nn.initializers.lecun_normal(), (self.features, in_features)
@@ -60,7 +64,7 @@ class Linear(nn.Module):
         x = x.astype(dtype)
         y = qmatmul(x, weight, compute_dtype=dtype)
         if self.has_variable("lora", "a"):
-            adapter = {k: self.get_variable("lora", k) for k in ADAPTER_KEYS}
+            adapter: dict[str, Any] = {k: self.get_variable("lora", k) for k in ADAPTER_KEYS}
             rng = self.make_rng("dropout") if self.has_rng("dropout") else None
             if self.has_variable("lora", DORA_KEY):
                 adapter[DORA_KEY] = self.get_variable("lora", DORA_KEY)
