@@ -220,6 +220,7 @@ def finetune(
         raise ValueError(f"quant must be nf4, fp4 or none, got {quant!r}")
     data = data or default_data_path()
     path = resolve_model_path(model)
+    log(f"model: {path} ({'float' if quant == 'none' else quant + ' + double quant'})")
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
     lora_config = LoraConfig(
         r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules
@@ -286,7 +287,6 @@ def finetune(
                 f"{dict(device_mesh.shape)}"
             )
         log(f"mesh: {dict(device_mesh.shape)}")
-    log(f"model: {path} ({'float' if quant == 'none' else quant + ' + double quant'})")
     base, params = _load_base(
         path, quant, progress, place=None if device_mesh is None else sharding.placer(device_mesh)
     )
@@ -321,6 +321,12 @@ def finetune(
     else:
         os.makedirs(out, exist_ok=True)
         open(metrics_path, "w").close()
+        first = [f"evaluating the base model on {len(eval_set)} held-out examples"] * bool(eval_set)
+        first += ["sampling an answer"] * sample
+        if first:
+            log(
+                " and ".join(first) + " (XLA compiles these programs first; later calls reuse them)"
+            )
         meta = {
             "eval_loss_before": evaluate_loss(
                 eval_fn, lora, params, eval_set, batch_size, seq_len, pad_id
@@ -341,6 +347,12 @@ def finetune(
 
     shapes_seen: set = set()
     last_eval = None
+    if start_step < steps:
+        log(
+            f"training steps {start_step + 1}-{steps}: the first step of each new batch shape "
+            f"compiles the train step first (up to {len(stream.buckets)} shapes), so early "
+            "steps are slower"
+        )
     bar = _progress(steps, start_step, progress)
     with open(metrics_path, "a") as metrics_file:
         for step in range(start_step, steps):
@@ -352,7 +364,9 @@ def finetune(
                 shape = batch["input_ids"].shape
                 if device_mesh is not None:
                     batch = sharding.shard_batch(batch, device_mesh)
-                compiled |= shape not in shapes_seen
+                if shape not in shapes_seen:
+                    compiled = True
+                    bar.set_postfix_str(f"compiling the step for batch shape {tuple(shape)}")
                 shapes_seen.add(shape)
                 tokens += int(batch["attention_mask"].sum())
                 state, m = step_fn(state, params, batch, rng=jax.random.fold_in(rng, micro))
