@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
@@ -67,7 +68,8 @@ def load_prequantized(path: Path, model, dtype, progress=None) -> dict:
     if missing:
         raise ValueError(f"{path}: missing tensor(s) {missing[:5]} ({len(missing)} in all)")
 
-    flat, pending = {}, {}
+    flat: dict[str, Any] = {}  # parameter name -> array or QuantizedTensor
+    pending: dict[str, dict[str, Any]] = {}  # 4-bit parameter -> the parts read so far
     owner = {name: pname for pname, parts in groups.items() for name in parts.values()}
     with progress_bar(len(groups), f"loading {path.name}", progress) as bar:
         for name, file, array in safetensors_io.iter_tensors(files, list(owner)):

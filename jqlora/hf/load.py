@@ -9,7 +9,9 @@ names (``lm_head`` by default); embeddings and norms stay in ``dtype``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +52,7 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
-_malloc_trim = None
+_malloc_trim: Callable[[int], int] | Literal[False] | None = None
 
 
 def read_config(directory: Path) -> dict:

@@ -161,7 +161,7 @@ def save_peft_adapter(
 
 def _peft_config_dict(**fields) -> dict:
     """adapter_config.json with every field peft 0.21 writes, at its default unless given."""
-    config = {
+    config: dict[str, Any] = {
         "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
         "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
         "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
@@ -309,6 +309,8 @@ def _jqlora_config(config: dict):
     from jqlora.lora import LoraConfig
 
     target = config.get("target_modules")
+    if target is None:
+        raise ValueError("adapter_config.json sets no target_modules")
     init = config.get("init_lora_weights", True)
     return LoraConfig(
         r=int(config["r"]),

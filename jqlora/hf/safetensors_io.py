@@ -73,7 +73,7 @@ def read_header(path: Path) -> dict:
 
 def tensor_infos(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     """``{name: (file, shape, safetensors dtype)}`` over all shards; a name in two shards is an error."""
-    infos = {}
+    infos: dict[str, tuple[Path, tuple[int, ...], str]] = {}
     for path in files:
         for name, meta in read_header(path).items():
             if name in infos:

@@ -59,12 +59,11 @@ def checkpoint_tensors(model, params: dict, quantization: QuantConfig | None) ->
     out = {}
     for name, leaf in flat.items():
         module = name.rpartition(".")[0]
-        wants_4bit = (
+        if (
             quantization is not None
             and expected.is_linear_weight(name)
             and quantization.quantizes(module)
-        )
-        if wants_4bit:
+        ):
             qt = leaf if isinstance(leaf, QuantizedTensor) else None
             if qt is not None and not _matches(qt, quantization):
                 raise ValueError(

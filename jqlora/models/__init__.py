@@ -8,13 +8,15 @@ positions=None, cache=None)`` and has ``init_cache(batch, max_len)`` (see
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 
 from jqlora.models import gpt2, llama, opt
 from jqlora.models.common import CheckpointMap, KVCache
 from jqlora.models.llama import LlamaConfig, LlamaForCausalLM
 
-_FAMILIES = {}
+_FAMILIES: dict[str, tuple[type[Any], type[Any], CheckpointMap]] = {}  # model_type -> classes
 
 
 def _register(module, config_cls, model_cls):

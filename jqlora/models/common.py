@@ -178,7 +178,8 @@ class KVCache(NamedTuple):
     keys: tuple
     values: tuple
     valid: jax.Array
-    index: jax.Array
+    # Shadows tuple.index on purpose (the write position); typeshed's tuple declares a method.
+    index: jax.Array  # type: ignore[assignment]
 
 
 def init_cache(
@@ -205,7 +206,8 @@ def attention_mask(
     """
     new_valid = jnp.ones((batch, seq), bool) if padding_mask is None else padding_mask.astype(bool)
     if cache is None:
-        start, valid = 0, new_valid
+        start: int | jax.Array = 0
+        valid = new_valid
     else:
         start = cache.index
         valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, start))

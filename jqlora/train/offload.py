@@ -28,7 +28,8 @@ import optax
 HOST = "pinned_host"  # what jax.memory.Space.Host means inside jit
 
 
-def _move(x, space: jax.memory.Space, kind: str):
+# jax.memory is a SimpleNamespace, so mypy does not see its Space enum as a type.
+def _move(x, space: jax.memory.Space, kind: str):  # type: ignore[name-defined]
     """``x`` moved to memory ``kind`` on the devices it already lives on.
 
     Inside ``jit`` (a tracer) by memory space, so sharding is left to the compiler; outside,
