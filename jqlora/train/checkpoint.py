@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,7 +31,7 @@ _NAME = re.compile(r"^step_(\d{8})$")
 
 def _to_numpy(leaf) -> tuple[np.ndarray, dict]:
     """Raw bytes of a leaf and how to rebuild it."""
-    info = {}
+    info: dict[str, Any] = {}
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         info["prng_impl"] = str(jax.random.key_impl(leaf))
         leaf = jax.random.key_data(leaf)
@@ -68,7 +69,8 @@ def save_checkpoint(directory: str, step: int, tree, meta: dict, keep: int = 2) 
             shutil.rmtree(os.path.join(directory, leftover), ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
-        np.savez(f, **arrays)
+        # numpy's stub types **kwds against allow_pickle too; the keys are leaf_NNNNN.
+        np.savez(f, **arrays)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -116,7 +118,7 @@ def read_meta(path: str) -> dict:
         return json.load(f)["meta"]
 
 
-def restore_checkpoint(path: str, template) -> tuple[object, int, dict]:
+def restore_checkpoint(path: str, template) -> tuple[Any, int, dict]:
     """``(tree, step, meta)`` from ``path``; ``template`` gives the structure and shardings.
 
     Raises ``ValueError`` naming the leaf when the checkpoint does not fit the template

@@ -24,6 +24,7 @@ import json
 import os
 import time
 from importlib import resources
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -309,7 +310,8 @@ def finetune(
     eval_fn = make_eval_fn(base, compute_dtype)
     sample_ids = _prompt_of(eval_set[0] if eval_set else train_set[0]) if sample else None
 
-    start_step, meta = 0, {}
+    start_step = 0
+    meta: dict[str, Any] = {}
     metrics_path = os.path.join(out, "metrics.jsonl")
     if latest and resume:
         restored, start_step, meta = ckpt.restore_checkpoint(latest, {"state": state, "rng": rng})
@@ -377,7 +379,7 @@ def finetune(
             if not compiled:  # throughput of steps that did not include compiling a new shape
                 meta["timed_tokens"] += tokens
                 meta["timed_s"] += dt
-            record = {
+            record: dict[str, float | None] = {
                 "step": step + 1,
                 "loss": loss,
                 "tokens_per_s": tokens / dt,
