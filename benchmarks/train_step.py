@@ -3,7 +3,12 @@
 Same model, same data, same recipe in every row: NF4 with double quantization (the LoRA row:
 float base), LoRA r=16 alpha=32 dropout=0.05 on every linear layer but lm_head, AdamW at 2e-4
 with the gradient norm clipped to 0.3, batch 4 x seq 256 of English text (the licence texts
-in /usr/share/common-licenses, tokenized with SmolLM2's tokenizer), float32 compute.
+in /usr/share/common-licenses, tokenized with SmolLM2's tokenizer). Each compute dtype in
+``--dtype`` (default float32 and bfloat16) gives one row per implementation: float32 is the
+exact path; bfloat16 is QLoRA's recipe (PEFT + bnb: ``bnb_4bit_compute_dtype`` and the model
+in bfloat16, ``prepare_model_for_kbit_training`` keeping norms and adapters in float32;
+jqlora: ``compute_dtype``, adapters float32), and on CPUs with AMX both frameworks' bfloat16
+matmuls run several times their float32 rate.
 Each implementation runs in its own process (so peak RSS is its own) for ``--steps`` steps:
 
 - median step time over the steps after ``--warmup`` (compilation, first allocations), tokens/s;
@@ -12,10 +17,12 @@ Each implementation runs in its own process (so peak RSS is its own) for ``--ste
 - jqlora only: the step's model FLOP/s as a fraction of this machine's float32 ``jnp.dot``
   rate measured in the same process. Model FLOPs per step: ``4 N T`` (forward ``2 N T`` plus
   backward to the inputs ``2 N T``; N = parameters of every matmul incl. the LM head, T =
-  tokens) plus attention ``8 L b s^2 d`` (QK^T and PV, forward and backward to inputs).
+  tokens) plus attention ``8 L b s^2 d`` (QK^T and PV, forward and backward to inputs);
+  also against the bfloat16 ``jnp.dot`` rate.
 
     python benchmarks/train_step.py                         # both configs, all three, 50 steps
     python benchmarks/train_step.py --config tiny --steps 20
+    python benchmarks/train_step.py --config smollm2 --impl jqlora,peft-bnb --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -104,14 +111,16 @@ def peak_rss() -> int:
 # ----------------------------------------------------------------------------- workers
 
 
-def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> dict:
+def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
 
     import jqlora
     from jqlora.lora.targets import linear_modules
+    from jqlora.train.step import configure_model
 
     dot_rate, dot_rate_cpu = measure_dot_rate()
+    bf16_dot_rate, _ = measure_dot_rate(dtype="bfloat16")
     model, params = jqlora.load_hf(
         directory, quantization=jqlora.QuantConfig("nf4", double_quant=True)
     )
@@ -122,8 +131,11 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> 
     )
     optimizer = jqlora.make_optimizer(2e-4, max_grad_norm=0.3)
     state = jqlora.init_train_state(lora, optimizer)
-    step = jqlora.make_train_step(model, optimizer)
-    eval_fn = jax.jit(lambda lora, b: jqlora.loss_fn(lora, params, b, model=model)[0])
+    step = jqlora.make_train_step(model, optimizer, compute_dtype=dtype)
+    eval_model = configure_model(model, compute_dtype=dtype)
+    eval_fn = jax.jit(
+        lambda lora, b: jqlora.loss_fn(lora, params, b, model=eval_model, compute_dtype=dtype)[0]
+    )
     held = {"input_ids": jnp.asarray(batches[-1])}
     eval_before = float(eval_fn(state.lora, held))
     times, cpu, key = [], [], jax.random.key(1)
@@ -153,6 +165,8 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int) -> 
         model_flops_per_s=flops / out["median_step_s"],
         fraction_of_dot=flops / out["median_step_s"] / dot_rate,
         fraction_of_dot_cpu=flops / out["median_step_cpu_s"] / dot_rate_cpu,
+        bf16_dot_flops_per_s=bf16_dot_rate,
+        fraction_of_bf16_dot=flops / out["median_step_s"] / bf16_dot_rate,
     )
     return out
 
@@ -167,14 +181,14 @@ def _size(w) -> int:
     return int(np.prod(w.shape))
 
 
-def measure_dot_rate(n: int = 2048, reps: int = 10) -> tuple[float, float]:
-    """This machine's float32 ``jnp.dot`` rate: FLOP per wall second and per CPU second."""
+def measure_dot_rate(n: int = 2048, reps: int = 10, dtype: str = "float32") -> tuple[float, float]:
+    """This machine's ``jnp.dot`` rate in ``dtype``: FLOP per wall second and per CPU second."""
     import jax
     import jax.numpy as jnp
 
     dot = jax.jit(jnp.dot)
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot(a, b).block_until_ready()
     times, cpu = [], []
     for _ in range(reps):
@@ -188,22 +202,23 @@ def measure_dot_rate(n: int = 2048, reps: int = 10) -> tuple[float, float]:
 
 
 def run_torch(
-    directory: str, batches: np.ndarray, steps: int, warmup: int, quantized: bool
+    directory: str, batches: np.ndarray, steps: int, warmup: int, quantized: bool, dtype: str
 ) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
+    torch_dtype = getattr(torch, dtype)
     if quantized:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=torch_dtype,
         )
         model = AutoModelForCausalLM.from_pretrained(
-            directory, quantization_config=bnb, device_map="cpu", dtype=torch.float32
+            directory, quantization_config=bnb, device_map="cpu", dtype=torch_dtype
         )
         for (
             m
@@ -212,7 +227,7 @@ def run_torch(
                 m.support_avx512bf16_for_cpu = False
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -269,13 +284,13 @@ def summary(times, cpu, warmup, loss, eval_before, eval_after) -> dict:
     )
 
 
-def worker(impl: str, config: str, steps: int, warmup: int) -> dict:
+def worker(impl: str, config: str, steps: int, warmup: int, dtype: str) -> dict:
     directory = model_dir(config)
     vocab = json.load(open(os.path.join(directory, "config.json")))["vocab_size"]
     batches = token_batches(steps + 1, vocab)  # the last batch is held out
     if impl == "jqlora":
-        return run_jqlora(directory, batches, steps, warmup)
-    return run_torch(directory, batches, steps, warmup, quantized=impl == "peft-bnb")
+        return run_jqlora(directory, batches, steps, warmup, dtype)
+    return run_torch(directory, batches, steps, warmup, quantized=impl == "peft-bnb", dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -287,11 +302,17 @@ def main():
     p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--dtype",
+        default="float32,bfloat16",
+        help="comma-separated compute dtypes, each a row per implementation",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(
-            "RESULT " + json.dumps(worker(args.impl, args.config, args.steps, args.warmup)),
+            "RESULT "
+            + json.dumps(worker(args.impl, args.config, args.steps, args.warmup, args.dtype)),
             flush=True,
         )
         return
@@ -300,10 +321,12 @@ def main():
     for config in configs:
         model_dir(config)  # build once, outside the timed processes
         token_batches(1, 2)
-        for impl in args.impl.split(","):
+        for dtype, impl in [(d, i) for d in args.dtype.split(",") for i in args.impl.split(",")]:
             cmd = [
                 sys.executable,
                 __file__,
+                "--dtype",
+                dtype,
                 "--worker",
                 "--impl",
                 impl,
@@ -317,9 +340,11 @@ def main():
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
-                print(f"{impl} on {config} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                print(
+                    f"{impl} ({dtype}) on {config} failed:\n{proc.stderr[-3000:]}", file=sys.stderr
+                )
                 continue
-            row = dict(json.loads(line[7:]), impl=impl, config=config)
+            row = dict(json.loads(line[7:]), impl=impl, config=config, dtype=dtype)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows)
@@ -327,13 +352,18 @@ def main():
 
 def print_table(rows):
     print(
-        "\n| config | implementation | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
-        "vs PEFT+bnb | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot |"
+        "\n| config | compute | implementation | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
+        "vs PEFT+bnb | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot (/ bf16 dot) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(
-            (x for x in rows if x["config"] == r["config"] and x["impl"] == "peft-bnb"), None
+            (
+                x
+                for x in rows
+                if (x["config"], x["dtype"], x["impl"]) == (r["config"], r["dtype"], "peft-bnb")
+            ),
+            None,
         )
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "n/a"
         cpu_ratio = f"{r['tokens_per_cpu_s'] / ref['tokens_per_cpu_s']:.2f}x" if ref else "n/a"
@@ -341,12 +371,13 @@ def print_table(rows):
             (
                 f"{r['fraction_of_dot']:.0%} wall ({r['model_flops_per_s'] / 1e9:.0f} / {r['dot_flops_per_s'] / 1e9:.0f}"
                 f" GFLOP/s), {r['fraction_of_dot_cpu']:.0%} CPU-time"
+                f" ({r['fraction_of_bf16_dot']:.0%} of bf16 dot)"
             )
             if "fraction_of_dot" in r
             else ""
         )
         print(
-            f"| {r['config']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
+            f"| {r['config']} | {r['dtype']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
             f"{r['median_step_cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "
             f"{r['loss_last_step']:.3f} | {frac} |"
