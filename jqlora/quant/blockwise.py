@@ -39,7 +39,7 @@ from jqlora.quant.codebooks import (
     bucket_bounds,
     codebook,
 )
-from jqlora.quant.tensor import QuantizedTensor, codes_shape
+from jqlora.quant.tensor import QuantizedTensor, check_layout, codes_shape
 from jqlora.quant.torch_mean import torch_mean
 
 FLOAT_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
@@ -56,6 +56,10 @@ def check_quantize_args(w, quant_type: str, blocksize: int, name: str = "tensor"
     if quant_type not in QUANT_TYPES:
         raise ValueError(
             f"{name}: unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}"
+        )
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
+        raise ValueError(
+            f"{name}: blocksize must be an integer, one of {BLOCKSIZES}; got {blocksize!r}"
         )
     if blocksize not in BLOCKSIZES:
         raise ValueError(
@@ -230,10 +234,12 @@ def quantize(
     only labels error messages.
     """
     check_quantize_args(w, quant_type, blocksize, name)
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise ValueError(f"{name}: double_quant must be True or False, got {double_quant!r}")
     if not (isinstance(offset_threads, int) and offset_threads >= 1):
         raise ValueError(f"{name}: offset_threads must be a positive int, got {offset_threads!r}")
     packed, absmax, nested, offset = _quantize(
-        jnp.asarray(w), quant_type, blocksize, double_quant, offset_threads
+        jnp.asarray(w), quant_type, int(blocksize), bool(double_quant), offset_threads
     )
     return QuantizedTensor(
         codes=packed,
@@ -243,7 +249,7 @@ def quantize(
         shape=tuple(int(d) for d in w.shape),
         dtype=jnp.dtype(w.dtype),
         quant_type=quant_type,
-        blocksize=blocksize,
+        blocksize=int(blocksize),
     )
 
 
@@ -253,6 +259,7 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
     ``w_i = book[code_i] * absmax[i // blocksize]`` in float32, then rounded to ``dtype``
     (to nearest even), as bitsandbytes' ``dequantize_4bit``.
     """
+    check_layout(qt, "dequantize")
     return _dequantize(qt, jnp.dtype(qt.dtype if dtype is None else dtype))
 
 

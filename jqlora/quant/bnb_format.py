@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from jqlora.quant.codebooks import (
     QUANT_TYPES,
     codebook,
 )
-from jqlora.quant.tensor import QuantizedTensor, codes_shape
+from jqlora.quant.tensor import QuantizedTensor, check_layout, codes_shape
 
 _DTYPE_NAMES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -42,6 +43,7 @@ def _state_key(prefix: str, quant_type: str) -> str:
 
 def to_bnb(qt: QuantizedTensor, prefix: str = "weight") -> dict[str, np.ndarray]:
     """The state-dict entries transformers + bitsandbytes write for ``qt`` under ``prefix``."""
+    check_layout(qt, prefix)
     n = qt.size
     out: dict[str, np.ndarray] = {prefix: np.asarray(qt.codes, np.uint8).reshape((n + 1) // 2, 1)}
     out[f"{prefix}.absmax"] = np.asarray(qt.absmax).reshape(-1)
@@ -81,6 +83,8 @@ def _read_meta(state_dict, prefix: str) -> tuple[str, dict]:
         meta = json.loads(np.asarray(state_dict[key], np.uint8).tobytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{prefix}: {key} does not hold UTF-8 JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{prefix}: {key} holds JSON {type(meta).__name__}, not an object")
     if meta.get("quant_type") != quant_type:
         raise ValueError(
             f"{prefix}: {key} says quant_type {meta.get('quant_type')!r}, its key says {quant_type!r}"
@@ -88,7 +92,22 @@ def _read_meta(state_dict, prefix: str) -> tuple[str, dict]:
     for field in ("blocksize", "dtype", "shape"):
         if field not in meta:
             raise ValueError(f"{prefix}: {key} lacks {field!r}")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"{prefix}: {key}: shape must be a list of integers >= 0, got {shape!r}")
+    for field in ("blocksize", "nested_blocksize"):
+        if field in meta and not _is_int(meta[field]):
+            raise ValueError(f"{prefix}: {key}: {field} must be an integer, got {meta[field]!r}")
+    if not isinstance(meta["dtype"], str):
+        raise ValueError(f"{prefix}: {key}: dtype must be a string, got {meta['dtype']!r}")
+    offset = meta.get("nested_offset", 0.0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise ValueError(f"{prefix}: {key}: nested_offset must be a number, got {offset!r}")
     return quant_type, meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _array(state_dict, key: str, prefix: str) -> np.ndarray:
@@ -111,6 +130,10 @@ def from_bnb(state_dict, prefix: str = "weight") -> QuantizedTensor:
     Raises ValueError naming ``prefix`` when an entry is missing or the JSON quant state
     disagrees with the arrays (shape, block count, dtype, double quantization).
     """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"{prefix}: expected a state dict (a mapping of names to arrays), got {type(state_dict).__name__}"
+        )
     quant_type, meta = _read_meta(state_dict, prefix)
     shape = tuple(int(d) for d in meta["shape"])
     blocksize = int(meta["blocksize"])

@@ -99,6 +99,40 @@ class QuantizedTensor:
         )
 
 
+def check_layout(qt: QuantizedTensor, name: str = "tensor") -> None:
+    """Raise a ValueError naming ``name`` unless ``qt``'s arrays hold what its shape needs.
+
+    A `QuantizedTensor` built by hand (or from a file that lies about its shape) can carry
+    fewer codes or scales than ``shape`` and ``blocksize`` imply; computing with it would
+    read past the data or silently misalign the blocks. Shapes only: works under ``jit``.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"{name}: expected a QuantizedTensor, got {type(qt).__name__}")
+    n, n_blocks = qt.size, qt.n_blocks
+    codes_size = math.prod(qt.codes.shape)
+    problems = []
+    if np.dtype(qt.codes.dtype) != np.uint8:
+        problems.append(f"codes have dtype {np.dtype(qt.codes.dtype).name}, not uint8")
+    if codes_size != (n + 1) // 2:
+        problems.append(f"{codes_size} code bytes where shape {qt.shape} needs {(n + 1) // 2}")
+    if math.prod(qt.absmax.shape) != n_blocks:
+        problems.append(
+            f"{math.prod(qt.absmax.shape)} absmax values where {n_blocks} blocks of "
+            f"{qt.blocksize} need {n_blocks}"
+        )
+    if qt.nested_absmax is not None:  # double-quantized
+        n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
+        if math.prod(qt.nested_absmax.shape) != n_nested:
+            problems.append(
+                f"{math.prod(qt.nested_absmax.shape)} nested_absmax values where {n_nested} "
+                "are needed"
+            )
+        if qt.offset is None:
+            problems.append("nested_absmax without an offset")
+    if problems:
+        raise ValueError(f"{name}: inconsistent QuantizedTensor: {'; '.join(problems)}")
+
+
 def codes_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The stored shape of the packed codes for an array of ``shape`` (see module doc)."""
     n = math.prod(shape)
