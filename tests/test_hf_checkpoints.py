@@ -196,5 +196,5 @@ def test_quantize_cli_reports_bad_input(tmp_path, capsys):
     from jqlora.cli import main
 
     assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "missing: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

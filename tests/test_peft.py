@@ -167,7 +167,7 @@ def test_unsupported_adapters_are_refused(llama_adapter):
     with pytest.raises(ValueError, match="modules_to_save"):
         load_peft_adapter(d, params)
     cfg_file.write_text(json.dumps(dict(cfg, r=8)))
-    with pytest.raises(ValueError, match="the config gives rank 8, the tensors rank 4"):
+    with pytest.raises(ValueError, match=r"adapter_config.json gives rank 8 .*have rank 4"):
         load_peft_adapter(d, params)
     cfg_file.write_text(json.dumps(dict(cfg, peft_type="IA3")))
     with pytest.raises(ValueError, match="only LORA"):

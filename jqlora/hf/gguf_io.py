@@ -80,7 +80,9 @@ def gguf_config(reader, path: Path) -> dict:
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -111,6 +113,23 @@ def gguf_config(reader, path: Path) -> dict:
     return config
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path) -> None:
+    """A ValueError naming ``path`` unless it is a file that starts with the GGUF magic."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such GGUF file")
+    if not path.is_file():
+        raise ValueError(f"{path}: a directory, not a GGUF file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        found = "the file is empty" if not head else f"it starts with {head!r}"
+        raise ValueError(f"{path}: not a GGUF file (no {GGUF_MAGIC!r} magic: {found})")
+
+
 def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
     """``(model, params)`` from a llama GGUF file (see the module doc)."""
     import gguf
@@ -119,8 +138,7 @@ def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
     from jqlora.hf.load import convert_tensor, progress_bar, release_freed_memory
 
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such GGUF file")
+    check_gguf_file(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf package raises bare ValueError/struct errors on bad files

@@ -15,6 +15,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
@@ -56,15 +57,54 @@ _malloc_trim: Callable[[int], int] | Literal[False] | None = None
 
 
 def read_config(directory: Path) -> dict:
+    """The config.json of a checkpoint directory, as a dict; a ValueError naming the path if
+    the directory or file is missing or is not a JSON object."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ValueError(f"{directory}: no such file or directory")
+    if not directory.is_dir():
+        raise ValueError(
+            f"{directory}: not a checkpoint: expected a Hugging Face checkpoint directory "
+            "(config.json + *.safetensors) or a .gguf file"
+        )
     path = directory / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(
             f"{directory}: no config.json (expected a Hugging Face checkpoint directory or a .gguf file)"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(config).__name__}")
+    return config
+
+
+def check_checkpoint_path(path, gguf_file: str | None = None) -> dict | None:
+    """Check, without reading any weights, that ``load_hf(path, gguf_file=...)`` can start.
+
+    A directory needs a config.json (a JSON object) that ``model_for_config`` accepts; a
+    ``.gguf`` file must exist and start with the GGUF magic. Returns the config dict of a
+    directory, None for a GGUF file; a ValueError naming the path otherwise. Commands call
+    it first, so a wrong path is reported in a moment, not after loading a tokenizer.
+    """
+    path = Path(path)
+    if gguf_file is not None or path.suffix == ".gguf":
+        from jqlora.hf.gguf_io import check_gguf_file
+
+        check_gguf_file(path / gguf_file if gguf_file else path)
+        return None
+    config = read_config(path)
+    model_for_config(config, source=str(path / "config.json"))
+    return config
+
+
+def linear_layers(hf_config: dict, source: str = "config.json") -> list[tuple[str, ...]]:
+    """The paths of the linear layers of the model ``hf_config`` describes (no weights read),
+    for checking LoRA target names before loading."""
+    model = model_for_config(hf_config, source=source)
+    return sorted(tuple(m.split(".")) for m in names_lib.expected_params(model).linear_modules)
 
 
 def load_hf(
@@ -91,7 +131,13 @@ def load_hf(
       shards); pre-quantized and GGUF checkpoints are placed after loading.
     """
     path = Path(path)
-    compute_dtype = compute_dtype or dtype
+    if quantization is not None and not isinstance(quantization, QuantConfig):
+        raise ValueError(
+            f"load_hf: quantization must be a QuantConfig or None, got {quantization!r} "
+            '(e.g. QuantConfig("nf4"))'
+        )
+    dtype = _float_dtype(dtype, "dtype")
+    compute_dtype = _float_dtype(compute_dtype or dtype, "compute_dtype")
     if gguf_file is not None or path.suffix == ".gguf":
         from jqlora.hf.gguf_io import load_gguf
 
@@ -113,6 +159,17 @@ def load_hf(
         return model, place_all(load_prequantized(path, model, dtype, progress), place)
     params = load_float_tensors(path, model, quantization, dtype, progress, place)
     return model, params
+
+
+def _float_dtype(dtype, what: str):
+    """``jnp.dtype(dtype)`` if it is a floating-point dtype; a ValueError otherwise."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"load_hf: {what} {dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"load_hf: {what} must be a floating-point dtype, got {dt.name}")
+    return dt
 
 
 def checkpoint_plan(path: Path, model):
@@ -189,6 +246,11 @@ def convert_tensor(array, pname: str, expected, quantization, dtype, *, transpos
     want = expected.shapes[pname]
     if tuple(array.shape) != want:
         raise ValueError(f"{source} has shape {tuple(array.shape)}, but config.json implies {want}")
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        # transformers would cast an integer or boolean weight silently: it is a broken file.
+        raise ValueError(
+            f"{source} has dtype {np.dtype(array.dtype).name}; a weight must be floating-point"
+        )
     array = jnp.asarray(array).astype(dtype or array.dtype)
     module = pname.rpartition(".")[0]
     if (

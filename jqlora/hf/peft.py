@@ -24,6 +24,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,12 +197,28 @@ def _write(out_dir, tensors: dict, config: dict) -> None:
 
 
 def read_peft_config(path: str | os.PathLike) -> dict:
-    """The ``adapter_config.json`` of an adapter directory, checked to be a LoRA jqlora can run."""
+    """The ``adapter_config.json`` of an adapter directory, checked to be a LoRA jqlora can run.
+
+    Every field jqlora reads is checked for its type and range (PEFT's meaning), so a bad
+    value is reported with the file and the field rather than deep inside loading.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such adapter directory")
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"{path}: not a directory; a PEFT adapter is a directory with {ADAPTER_CONFIG} "
+            f"and {ADAPTER_WEIGHTS}"
+        )
     file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(file):
         raise ValueError(f"{path}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
-    with open(file) as f:
-        config = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
@@ -211,11 +228,78 @@ def read_peft_config(path: str | os.PathLike) -> dict:
             raise ValueError(
                 f"{file}: {field}={config[field]!r} is not supported (only {neutral!r})"
             )
+    _check_config_fields(config, file)
     return config
 
 
-def _read_tensors(path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+def _is_rank(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 1 and v == int(v)
+
+
+def _is_alpha(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _check_config_fields(config: dict, file: str) -> None:
+    """The fields of adapter_config.json that jqlora reads, each of its PEFT type."""
+    for field in ("r", "lora_alpha", "target_modules"):
+        if config.get(field) is None:
+            raise ValueError(f"{file}: {field} is missing")
+    if not _is_rank(config["r"]):
+        raise ValueError(f"{file}: r must be a positive integer, got {config['r']!r}")
+    if not _is_alpha(config["lora_alpha"]):
+        raise ValueError(
+            f"{file}: lora_alpha must be a positive number, got {config['lora_alpha']!r}"
+        )
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{file}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    target = config["target_modules"]
+    if isinstance(target, str):
+        _check_regex(target, file, "target_modules")
+    elif not (
+        isinstance(target, list) and target and all(isinstance(t, str) and t for t in target)
+    ):
+        raise ValueError(
+            f"{file}: target_modules must be a regex string or a non-empty list of module names, "
+            f"got {target!r}"
+        )
+    for field in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(field, False), bool):
+            raise ValueError(f"{file}: {field} must be true or false, got {config[field]!r}")
+    for field, valid, what in (
+        ("rank_pattern", _is_rank, "a positive integer"),
+        ("alpha_pattern", _is_alpha, "a positive number"),
+    ):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(
+                f"{file}: {field} must be an object of pattern -> value, got {pattern!r}"
+            )
+        for key, value in pattern.items():
+            _check_regex(rf"(.*\.)?({key})$", file, f"{field} key {key!r}")
+            if not valid(value):
+                raise ValueError(f"{file}: {field}[{key!r}] must be {what}, got {value!r}")
+
+
+def _check_regex(pattern: str, file: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{file}: {what} is not a valid regex ({e})") from None
+
+
+def check_adapter(path: str | os.PathLike) -> dict:
+    """Check an adapter directory without reading its tensors: ``read_peft_config`` plus the
+    weights file's header (present, not truncated, floating-point tensors). Returns the config."""
+    config = read_peft_config(path)
+    _weights_file(path)
+    return config
+
+
+def _weights_file(path) -> str:
+    """The path of ``adapter_model.safetensors``, after checking its header."""
+    from jqlora.hf.safetensors_io import read_header
 
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
@@ -226,9 +310,26 @@ def _read_tensors(path) -> dict[str, np.ndarray]:
         ]
         hint = f" (found {other[0]}: re-save it with safetensors)" if other else ""
         raise ValueError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
+    # Checked first (truncation, corrupt header) so that errors name the file and tensor.
+    for key, meta in read_header(Path(file)).items():
+        if meta["dtype"] not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{file}: tensor {key!r} has dtype {meta['dtype']}; adapter weights are "
+                f"floating-point ({', '.join(_FLOAT_DTYPES)})"
+            )
+    return file
+
+
+def _read_tensors(path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    file = _weights_file(path)
     # The flax reader handles bfloat16 (numpy cannot); adapters are held in float32.
     with safe_open(file, framework="flax") as f:
         return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
@@ -283,7 +384,10 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
             )
         r = _pattern_value(rank_pattern, module, r0)
         if r != a.shape[0]:
-            raise ValueError(f"{where}: the config gives rank {r}, the tensors rank {a.shape[0]}")
+            raise ValueError(
+                f"{where}: {ADAPTER_CONFIG} gives rank {r} (r or rank_pattern), "
+                f"but lora_A and lora_B have rank {a.shape[0]}"
+            )
         if config.get("use_dora") and "magnitude" not in entry:
             raise ValueError(f"{where}: use_dora is set but lora_magnitude_vector is missing")
         if "magnitude" in entry and entry["magnitude"].shape != (b.shape[0],):
@@ -301,7 +405,21 @@ def load_peft_adapter(path: str | os.PathLike, params: Mapping | None = None):
             check_lora(params, lora)
         except ValueError as e:
             raise ValueError(f"{path}: the adapter does not fit the model: {e}") from None
+        _check_targets_exist(config["target_modules"], params, path)
     return lora, _jqlora_config(config)
+
+
+def _check_targets_exist(target_modules, params: Mapping, path) -> None:
+    """PEFT refuses an adapter whose target_modules select no layer of the base model
+    (``NoMatchingPeftModuleError``); so does jqlora, naming the modules there are."""
+    from jqlora.lora.targets import available_modules_message, linear_modules, matches
+
+    linear = linear_modules(params)
+    if not any(matches(target_modules, dotted(p)) for p in linear):
+        raise ValueError(
+            f"{path}/{ADAPTER_CONFIG}: target_modules {target_modules!r} select no linear layer "
+            f"of the model. {available_modules_message(linear)}"
+        )
 
 
 def _jqlora_config(config: dict):

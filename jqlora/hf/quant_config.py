@@ -30,7 +30,15 @@ class QuantConfig:
             )
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantConfig: blocksize {self.blocksize} is not one of {BLOCKSIZES}")
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(
+                f"QuantConfig: double_quant must be True or False, got {self.double_quant!r}"
+            )
+        skip = self.skip_modules
+        skip = (skip,) if isinstance(skip, str) else tuple(skip)  # one name, not its letters
+        if not all(isinstance(m, str) and m for m in skip):
+            raise ValueError(f"QuantConfig: skip_modules must be module names, got {skip!r}")
+        object.__setattr__(self, "skip_modules", skip)
 
     def quantizes(self, module_name: str) -> bool:
         """Whether the linear layer ``module_name`` (dotted HF name) is quantized.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -30,7 +31,16 @@ def checkpoint_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, in shard order."""
     index = directory / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a JSON object ({e})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for f in weight_map.values()
+        ):
+            raise ValueError(
+                f'{index}: expected a "weight_map" object of tensor name -> shard file name'
+            )
         files = [directory / f for f in dict.fromkeys(sorted(set(weight_map.values())))]
     elif (directory / SINGLE_FILE).exists():
         files = [directory / SINGLE_FILE]
@@ -55,13 +65,20 @@ def read_header(path: Path) -> dict:
         (n,) = struct.unpack("<Q", raw)
         if 8 + n > size:
             raise ValueError(
-                f"{path}: truncated: the header needs {8 + n} bytes, the file has {size}"
+                f"{path}: truncated or not a safetensors file: its first 8 bytes promise a "
+                f"header of {n} bytes, the file has {size} in all"
             )
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)"
+        )
     header.pop("__metadata__", None)
+    for name, meta in header.items():
+        _check_entry(path, name, meta)
     missing = [k for k, v in header.items() if 8 + n + v["data_offsets"][1] > size]
     if missing:
         raise ValueError(
@@ -69,6 +86,34 @@ def read_header(path: Path) -> dict:
             f"first {missing[0]!r}"
         )
     return header
+
+
+def _check_entry(path: Path, name: str, meta) -> None:
+    """One header entry is ``{"dtype": str, "shape": [int >= 0], "data_offsets": [start, end]}``
+    with ``end - start`` the byte size of that shape and dtype (when jqlora knows the dtype)."""
+
+    def bad(why: str):
+        return ValueError(f"{path}: corrupt safetensors header: tensor {name!r}: {why}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected an object, got {meta!r}")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(dtype, str):
+        raise bad(f"dtype {dtype!r} is not a string")
+    if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of integers >= 0")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(is_int(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end")
+    if dtype in _DTYPES:
+        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != want:
+            raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} {dtype} ({want} needed)")
 
 
 def tensor_infos(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:

@@ -27,7 +27,23 @@ def load_tokenizer(model_path: str | os.PathLike):
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    check_tokenizer_dir(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' messages span lines and omit the path
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load the tokenizer ({first})") from None
+
+
+# files of which a directory needs at least one for transformers to build a tokenizer
+_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_dir(path: str | os.PathLike) -> None:
+    """A ValueError naming ``path`` if the checkpoint directory holds no tokenizer file."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _FILES):
+        raise ValueError(f"{path}: no tokenizer in the directory (none of {', '.join(_FILES)})")
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

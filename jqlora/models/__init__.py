@@ -40,18 +40,53 @@ def supported_model_types() -> tuple[str, ...]:
 def model_for_config(hf_config: dict, dtype=jnp.float32, *, source: str = "config.json"):
     """The model for a Hugging Face config dict; ``dtype`` is the compute dtype."""
     model_type = hf_config.get("model_type")
-    if model_type not in _FAMILIES:
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
         raise ValueError(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
     config_cls, model_cls, _ = _FAMILIES[model_type]
+    _check_sizes(hf_config, source)
     try:
         config = config_cls.from_hf(hf_config)
     except KeyError as e:
         raise ValueError(
             f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}"
         ) from None
+    _check_heads(config, source)
     return model_cls(config, dtype=jnp.dtype(dtype))
+
+
+# config.json sizes that must be positive integers when present (any architecture)
+_SIZE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "ffn_dim", "word_embed_proj_dim", "n_embd", "n_inner", "n_layer", "n_head", "n_positions",
+)  # fmt: skip
+
+
+def _check_sizes(hf_config: dict, source: str) -> None:
+    for key in _SIZE_KEYS:
+        value = hf_config.get(key)
+        if value is None:
+            continue  # absent, or null for "the default" (head_dim, n_inner)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+
+
+def _check_heads(config, source: str) -> None:
+    """Attention heads must split the width (and share the key/value heads) evenly."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    own_head_dim = bool(config.hf.get("head_dim"))  # Llama-family may set it apart from width
+    if heads and width and not own_head_dim and width % heads:
+        raise ValueError(
+            f"{source}: hidden size {width} is not divisible by the {heads} attention heads"
+        )
+    if heads and kv and heads % kv:
+        raise ValueError(
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+        )
 
 
 __all__ = [
