@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import textwrap
 
@@ -72,8 +73,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return "\n".join(out)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``jqlora finetune: error: argument --lr: ...``.
+
+    The usage block argparse prints before an error buries the one line that matters; the
+    error names the option, and ``--help`` is one command away. Values such as ``-1e-3``
+    are read as (negative) numbers, not as unknown options, so their own check reports them.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="jqlora",
         description="QLoRA fine-tuning in pure JAX.",
         epilog=EPILOG,
@@ -111,4 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m jqlora.cli``, this file is ``__main__``: the subcommands raise
+    # ``jqlora.cli.InputError``, a different class from this module's, so dispatch through
+    # the imported module or their errors would escape as tracebacks.
+    from jqlora import cli
+
+    sys.exit(cli.main())

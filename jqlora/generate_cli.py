@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jqlora.argtypes import non_empty, non_negative_float, positive_int, probability
 from jqlora.cli import HelpFormatter, InputError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,15 +39,23 @@ def eos_ids(model_path: str, tokenizer) -> list[int]:
 def load_for_inference(args):
     """``(model, params, lora, tokenizer)`` from the command line's model options."""
     from jqlora.hf import QuantConfig, load_hf
-    from jqlora.hf.peft import load_peft_adapter
+    from jqlora.hf.load import check_checkpoint_path
+    from jqlora.hf.peft import check_adapter, load_peft_adapter
     from jqlora.hf.smollm2 import resolve_model
-    from jqlora.hf.tokenizer import load_tokenizer
+    from jqlora.hf.tokenizer import check_tokenizer_dir, load_tokenizer
 
     args.model = resolve_model(args.model)
     if not os.path.exists(args.model):
         raise InputError(f"--model {args.model}: no such file or directory")
     if args.adapter and not os.path.isdir(args.adapter):
         raise InputError(f"--adapter {args.adapter}: no such directory")
+    try:  # both paths checked before the (slow) loading starts
+        check_checkpoint_path(args.model)
+        check_tokenizer_dir(args.model)
+        if args.adapter:
+            check_adapter(args.adapter)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     quantization = QuantConfig(quant_type=args.quantize) if args.quantize else None
     try:
         model, params = load_hf(args.model, quantization, dtype=DTYPES[args.dtype])
@@ -162,19 +171,25 @@ def _common(p: argparse.ArgumentParser, default_new_tokens: int) -> None:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         default=default_new_tokens,
         help="most tokens generated per reply (fewer if the model ends it)",
     )
     p.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy decoding"
+        "--temperature",
+        type=non_negative_float,
+        default=0.0,
+        help="sampling temperature; 0: greedy decoding",
     )
     p.add_argument(
-        "--top-k", type=int, default=None, help="sample among the k most likely tokens only"
+        "--top-k",
+        type=positive_int,
+        default=None,
+        help="sample among the k most likely tokens only",
     )
     p.add_argument(
         "--top-p",
-        type=float,
+        type=probability,
         default=None,
         help="sample among the most likely tokens whose probabilities add up to p only",
     )
@@ -193,7 +208,11 @@ def register(subparsers) -> None:
     )
     _common(g, 128)
     g.add_argument(
-        "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
+        "--prompt",
+        type=non_empty,
+        action="append",
+        required=True,
+        help="prompt text; repeat for a batch",
     )
     g.set_defaults(func=run_generate)
 

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +53,10 @@ def load_config(config) -> dict:
         if path.endswith(".gguf") and os.path.isfile(path):
             import gguf
 
-            from jqlora.hf.gguf_io import gguf_config
+            from jqlora.hf.gguf_io import check_gguf_file, gguf_config
 
-            return gguf_config(gguf.GGUFReader(path), path)
+            check_gguf_file(Path(path))
+            return gguf_config(gguf.GGUFReader(path), Path(path))
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
@@ -63,10 +65,13 @@ def load_config(config) -> dict:
                 "or a .gguf file)"
             )
         try:
-            with open(path) as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a JSON object, got a {type(loaded).__name__}")
+        return loaded
     raise ValueError(
         f"config must be a dict, a transformers config, or a path; got {type(config).__name__}"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jqlora import argtypes
+
 
 def register(subparsers) -> None:
     from jqlora.cli import HelpFormatter
@@ -27,10 +29,14 @@ def register(subparsers) -> None:
         help="model directory or its config.json (Hugging Face), a llama .gguf file, or "
         "smollm2-135m-instruct",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--lora-r", type=int, default=8, help="adapter rank")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale = alpha / r")
+    p.add_argument(
+        "--batch-size", type=argtypes.positive_int, default=1, help="sequences per micro-batch"
+    )
+    p.add_argument("--seq-len", type=argtypes.positive_int, default=512, help="tokens per sequence")
+    p.add_argument("--lora-r", type=argtypes.positive_int, default=8, help="adapter rank")
+    p.add_argument(
+        "--lora-alpha", type=argtypes.positive_float, default=16.0, help="adapter scale = alpha / r"
+    )
     p.add_argument(
         "--target-modules",
         default="all-linear",
@@ -42,7 +48,9 @@ def register(subparsers) -> None:
         default="nf4",
         help="4-bit format of the base; none: the base in --compute-dtype",
     )
-    p.add_argument("--blocksize", type=int, default=64, help="weights per absmax scale")
+    p.add_argument(
+        "--blocksize", type=argtypes.blocksize, default=64, help="weights per absmax scale"
+    )
     p.add_argument(
         "--no-double-quant",
         action="store_true",
@@ -99,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
                 blocksize=args.blocksize,
                 double_quant=not args.no_double_quant,
             )
+        if not isinstance(lora.target_modules, str):  # each listed name must select a layer
+            from jqlora.hf.load import linear_layers
+            from jqlora.lora.targets import check_target_names
+            from jqlora.memory import load_config
+
+            check_target_names(lora.target_modules, linear_layers(load_config(args.model)))
         est = estimate_memory(
             args.model,
             lora,

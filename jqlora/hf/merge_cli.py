@@ -67,8 +67,18 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--model", args.model), ("--adapter", args.adapter)):
         if not os.path.exists(path):
             raise InputError(f"{flag} {path}: no such file or directory")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise InputError(f"--out {args.out}: exists and is not empty (pass --force to replace it)")
+    try:  # both inputs checked before the (slow) loading starts
+        from jqlora.hf.load import check_checkpoint_path
+        from jqlora.hf.peft import check_adapter
+
+        check_checkpoint_path(args.model)
+        check_adapter(args.adapter)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     try:
         merge_checkpoint(
             args.model, args.adapter, args.out, dtype=DTYPES[args.dtype], quantize=args.quantize

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from jqlora import argtypes
 from jqlora.hf import safetensors_io
 from jqlora.hf.load import checkpoint_plan, convert_tensor, progress_bar, read_config
 from jqlora.hf.quant_config import QuantConfig
@@ -110,7 +111,9 @@ def register(subparsers) -> None:
         "out", metavar="OUT_DIR", help="where to write the 4-bit checkpoint (a new directory)"
     )
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type")
-    p.add_argument("--blocksize", type=int, default=64, help="weights per absmax scale")
+    p.add_argument(
+        "--blocksize", type=argtypes.blocksize, default=64, help="weights per absmax scale"
+    )
     p.add_argument(
         "--no-double-quant",
         action="store_true",
@@ -134,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     from jqlora.cli import InputError
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"{args.out}: exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         # The output replaces OUT_DIR whole: never a directory the user did not mean to lose.
         raise InputError(f"{args.out}: exists and is not empty (pass --force to replace it)")

@@ -125,6 +125,26 @@ def select_targets(params: Mapping, config: LoraConfig) -> list[Path]:
     return chosen
 
 
+def check_target_names(target_modules, linear: list[Path]) -> None:
+    """Stricter than PEFT, for command lines: each name of a target list must select at least
+    one of the ``linear`` layers (PEFT only needs the list as a whole to select one), since a
+    name that selects nothing is a typo that would silently train fewer adapters. A regex
+    must select one layer; ``"all-linear"`` always passes. A ValueError names what is wrong."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            return
+        unmatched = (
+            [] if any(matches(target_modules, dotted(p)) for p in linear) else [target_modules]
+        )
+    else:
+        unmatched = [t for t in target_modules if not any(matches((t,), dotted(p)) for p in linear)]
+    if unmatched:
+        raise ValueError(
+            f"target module(s) {', '.join(map(repr, unmatched))} select no linear layer. "
+            f"{available_modules_message(linear)}"
+        )
+
+
 def available_modules_message(linear: list[Path]) -> str:
     """What a user needs to fix a target pattern: the module names and a few full paths."""
     if not linear:

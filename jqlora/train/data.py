@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -40,6 +41,10 @@ FORMATS = ("text", "prompt/completion", "alpaca", "messages")
 
 class DataError(ValueError):
     """A training file that cannot be used; the message names the file and line."""
+
+
+class DataWarning(UserWarning):
+    """Examples of a usable training file that were changed to fit (cut to seq_len)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +67,27 @@ def load_tokenizer(model_path: str):
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
-    """``(line_number, record)`` for every non-blank line; a bad line raises ``DataError``."""
+    """``(line_number, record)`` for every non-blank line; a bad line raises ``DataError``.
+
+    Lines are decoded as UTF-8 one by one (a byte-order mark opening the file is allowed), so
+    an undecodable byte is reported with its line.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a JSON Lines data file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    records, blank = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
+                blank += 1
                 continue
             try:
                 record = json.loads(line)
@@ -76,60 +95,76 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
                 raise DataError(
                     f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
                 ) from None
+            except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(record, dict):
                 raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                    f"{path}:{lineno}: expected a JSON object, got {_json_type(record)}"
                 )
             records.append((lineno, record))
     if not records:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        what = f" but for {blank} blank line(s)" if blank else ""
+        raise DataError(
+            f"{path}: no examples: the file is empty{what}; expected one JSON object per line"
+        )
     return records
 
 
+def _json_type(value) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"a number ({value!r})"
+    return names.get(type(value), type(value).__name__)
+
+
 def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
-    value = record.get(key, "" if optional else None)
+    if key not in record:
+        if optional:
+            return ""
+        present = ", ".join(f'"{k}"' for k in sorted(record))
+        raise DataError(f'{where}: missing "{key}" (the line has {present})')
+    value = record[key]
     if not isinstance(value, str):
-        raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
+        raise DataError(f'{where}: "{key}" must be a string, got {_json_type(value)}')
     return value
 
 
-def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, int]], bool]:
-    """The example as text, the character spans that carry loss, and whether to add BOS.
+#: roles a chat example may use; chat templates render these (others they reject or garble)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
-    ``where`` ("file:line") prefixes every error.
+
+def check_record(record: dict, where: str) -> str:
+    """The format of one example (one of ``FORMATS``), after checking its fields.
+
+    Needs no tokenizer, so a whole file can be checked before a model is loaded. ``where``
+    ("file:line") prefixes every error.
     """
-    eos = tokenizer.eos_token or ""
     if "messages" in record:
-        return _render_chat(record["messages"], tokenizer, where) + (False,)
+        _check_messages(record["messages"], where)
+        return "messages"
     if "text" in record:
-        text = _string(record, "text", where)
-        return text, [(0, len(text))], True
+        _string(record, "text", where)
+        return "text"
     if "prompt" in record or "completion" in record:
-        prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
-        text = prompt + completion + eos
-        return text, [(len(prompt), len(text))], True
+        _string(record, "prompt", where), _string(record, "completion", where)
+        return "prompt/completion"
     if "instruction" in record or "output" in record:
-        instruction, output = (
-            _string(record, "instruction", where),
-            _string(record, "output", where),
-        )
-        inp = _string(record, "input", where, optional=True)
-        prompt = ALPACA_PROMPT.format(
-            with_input=", paired with an input that provides further context" if inp else "",
-            instruction=instruction,
-            input_block=f"### Input:\n{inp}\n\n" if inp else "",
-        )
-        text = prompt + output + eos
-        return text, [(len(prompt), len(text))], True
+        _string(record, "instruction", where), _string(record, "output", where)
+        _string(record, "input", where, optional=True)
+        return "alpaca"
     raise DataError(
         f"{where}: unknown example format with keys {sorted(record)}; expected one of "
         '{"text"}, {"prompt", "completion"}, {"instruction", "input"?, "output"}, {"messages"}'
     )
 
 
-def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
+def _check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: "messages" must be a non-empty list')
+        got = "an empty array" if messages == [] else _json_type(messages)
+        raise DataError(f'{where}: "messages" must be a non-empty list, got {got}')
     for i, m in enumerate(messages):
         if (
             not isinstance(m, dict)
@@ -137,8 +172,50 @@ def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, 
             or not isinstance(m.get("content"), str)
         ):
             raise DataError(f'{where}: messages[{i}] must be {{"role": str, "content": str}}')
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: messages[{i}] has unknown role {m['role']!r}; expected one of "
+                f"{', '.join(CHAT_ROLES)}"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message to learn from")
+
+
+def check_data_file(path: str) -> int:
+    """Check every line of a JSON Lines data file without tokenizing; the number of examples."""
+    records = read_jsonl(path)
+    for lineno, record in records:
+        check_record(record, f"{path}:{lineno}")
+    return len(records)
+
+
+def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, int]], bool]:
+    """The example as text, the character spans that carry loss, and whether to add BOS.
+
+    ``where`` ("file:line") prefixes every error.
+    """
+    kind = check_record(record, where)
+    eos = tokenizer.eos_token or ""
+    if kind == "messages":
+        return _render_chat(record["messages"], tokenizer, where) + (False,)
+    if kind == "text":
+        text = record["text"]
+        return text, [(0, len(text))], True
+    if kind == "prompt/completion":
+        prompt, completion = record["prompt"], record["completion"]
+        text = prompt + completion + eos
+        return text, [(len(prompt), len(text))], True
+    instruction, output, inp = record["instruction"], record["output"], record.get("input", "")
+    prompt = ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if inp else "",
+        instruction=instruction,
+        input_block=f"### Input:\n{inp}\n\n" if inp else "",
+    )
+    text = prompt + output + eos
+    return text, [(len(prompt), len(text))], True
+
+
+def _render_chat(messages, tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             f"{where}: chat examples need a tokenizer with a chat template; this one has none"
@@ -193,12 +270,14 @@ def tokenize(text: str, spans: Sequence[tuple[int, int]], tokenizer, add_bos: bo
 def load_examples(path: str, tokenizer, seq_len: int) -> tuple[list[Example], dict]:
     """Tokenize every line of ``path``; returns the examples and counts for the report.
 
-    Chat / prompt / Alpaca examples longer than ``seq_len`` are truncated (counted);
-    those left with no loss token are dropped (counted). Texts are windowed.
+    Chat / prompt / Alpaca examples longer than ``seq_len`` are truncated (counted, and one
+    ``DataWarning`` names the first such line); those left with no loss token are dropped
+    (counted). Texts are windowed. A file with no example left is a ``DataError``.
     """
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     examples, stats = [], {"lines": 0, "truncated": 0, "dropped": 0}
+    first: dict[str, int] = {}  # "truncated" / "dropped" -> first line number
     for lineno, record in read_jsonl(path):
         stats["lines"] += 1
         where = f"{path}:{lineno}"
@@ -212,13 +291,36 @@ def load_examples(path: str, tokenizer, seq_len: int) -> tuple[list[Example], di
             continue
         if len(ex) > seq_len:
             stats["truncated"] += 1
+            first.setdefault("truncated", lineno)
             ex = Example(ex.input_ids[:seq_len], ex.loss_mask[:seq_len])
         if ex.loss_mask[1:].sum() == 0:
             stats["dropped"] += 1
+            first.setdefault("dropped", lineno)
             continue
         examples.append(ex)
     if not examples:
-        raise DataError(f"{path}: no example has a token to learn from within seq_len={seq_len}")
+        why = (
+            f"{stats['truncated']} of {stats['lines']} cut to seq_len left no answer token; "
+            "raise --seq-len or shorten the prompts"
+            if stats["truncated"]
+            else "every example is empty or a single token"
+        )
+        raise DataError(
+            f"{path}: no example has a token to learn from within seq_len={seq_len} ({why})"
+        )
+    if stats["truncated"]:
+        dropped = (
+            f"; {stats['dropped']} left without an answer token were dropped "
+            f"(first: line {first['dropped']})"
+            if stats["dropped"]
+            else ""
+        )
+        warnings.warn(
+            f"{path}: {stats['truncated']} example(s) longer than seq_len={seq_len} tokens were "
+            f"cut to it (first: line {first['truncated']}){dropped}",
+            DataWarning,
+            stacklevel=2,
+        )
     return examples, stats
 
 

@@ -6,8 +6,9 @@ jqlora and shows the eval loss and a sample answer before and after.
 
 from __future__ import annotations
 
-import argparse
+import os
 
+from jqlora.argtypes import fraction, positive_float, positive_int, sequence_length
 from jqlora.cli import HelpFormatter
 from jqlora.train.loop import DEFAULT_MODEL, DEFAULT_OUT
 
@@ -29,26 +30,6 @@ It writes OUT/adapter_model.safetensors + adapter_config.json (a PEFT adapter),
 metrics.jsonl, loss.png, report.md and checkpoints/. Try the adapter with
   jqlora chat --model MODEL --adapter OUT
 """
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
-def _fraction(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -77,33 +58,33 @@ def register(subparsers) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument(
         "--steps",
-        type=_positive(int),
+        type=positive_int,
         default=None,
         help="optimizer updates; without --steps or --epochs: 40",
     )
     length.add_argument(
-        "--epochs", type=_positive(float), default=None, help="passes over the training split"
+        "--epochs", type=positive_float, default=None, help="passes over the training split"
     )
-    p.add_argument("--batch-size", type=_positive(int), default=8, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per update")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per update")
     p.add_argument(
         "--seq-len",
-        type=_positive(int),
+        type=sequence_length,
         default=128,
         help="longest sequence; longer examples are cut",
     )
     p.add_argument(
         "--lr",
-        type=_positive(float),
+        type=positive_float,
         default=2e-4,
         help="peak learning rate (constant after warm-up)",
     )
-    p.add_argument("--lora-r", type=_positive(int), default=16, help="adapter rank")
+    p.add_argument("--lora-r", type=positive_int, default=16, help="adapter rank")
     p.add_argument(
-        "--lora-alpha", type=_positive(float), default=32, help="adapter scale = alpha / r"
+        "--lora-alpha", type=positive_float, default=32, help="adapter scale = alpha / r"
     )
     p.add_argument(
-        "--lora-dropout", type=_fraction, default=0.05, help="dropout on the adapter input"
+        "--lora-dropout", type=fraction, default=0.05, help="dropout on the adapter input"
     )
     p.add_argument(
         "--target-modules",
@@ -120,11 +101,9 @@ def register(subparsers) -> None:
         "--remat", action="store_true", help="recompute each decoder layer in the backward pass"
     )
     p.add_argument(
-        "--eval-every", type=_positive(int), default=20, help="steps between held-out evaluations"
+        "--eval-every", type=positive_int, default=20, help="steps between held-out evaluations"
     )
-    p.add_argument(
-        "--save-every", type=_positive(int), default=20, help="steps between checkpoints"
-    )
+    p.add_argument("--save-every", type=positive_int, default=20, help="steps between checkpoints")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
@@ -159,6 +138,7 @@ def run(args) -> int:
     from jqlora.train.data import DataError
     from jqlora.train.loop import finetune
 
+    _check_inputs(args)
     try:
         finetune(
             model=args.model, data=args.data, out=args.out, steps=args.steps, epochs=args.epochs,
@@ -175,3 +155,36 @@ def run(args) -> int:
         # settings, an existing run in --out) are the user's to fix.
         raise InputError(str(e)) from None
     return 0
+
+
+def _check_inputs(args) -> None:
+    """The arguments a run reads, checked in a moment before any tokenizer or model loads:
+    the output path, every line of the data file, the model path and its config.json, and
+    the LoRA settings against the model's linear layers (each listed target name must
+    select one). Raises ``InputError`` naming the file, line or option."""
+    from jqlora.cli import InputError
+    from jqlora.hf.load import check_checkpoint_path, linear_layers
+    from jqlora.hf.tokenizer import check_tokenizer_dir
+    from jqlora.lora import LoraConfig
+    from jqlora.lora.targets import check_target_names
+    from jqlora.train.data import check_data_file
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: exists and is not a directory")
+    targets = _targets(args.target_modules)
+    try:
+        LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                   target_modules=targets)  # fmt: skip
+        if args.data is not None:
+            check_data_file(args.data)
+        if args.model.lower() != DEFAULT_MODEL:
+            if not os.path.exists(args.model):
+                raise ValueError(
+                    f"--model {args.model}: no such directory or file (or use {DEFAULT_MODEL!r})"
+                )
+            config = check_checkpoint_path(args.model)
+            check_tokenizer_dir(args.model)
+            if config is not None:  # a GGUF file's layers are checked once it is loaded
+                check_target_names(targets, linear_layers(config, f"{args.model}/config.json"))
+    except ValueError as e:
+        raise InputError(str(e)) from None

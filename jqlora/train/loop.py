@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from importlib import resources
@@ -215,8 +216,13 @@ def finetune(
         ("eval_every", eval_every),
         ("save_every", save_every),
     ):
-        if v < 1:
-            raise ValueError(f"{name} must be at least 1, got {v}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    for name, x in (("lr", lr), ("epochs", epochs), ("max_grad_norm", max_grad_norm)):
+        if x is not None and not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
     if quant not in ("nf4", "fp4", "none"):
         raise ValueError(f"quant must be nf4, fp4 or none, got {quant!r}")
     data = data or default_data_path()
