@@ -4,6 +4,8 @@ Layout: ``DIR/step_00000040/{arrays.npz, meta.json}``. A checkpoint is written i
 temporary directory beside it, flushed to disk, and renamed into place in one
 ``os.rename``: a directory named ``step_*`` is always complete, so a run killed at any
 moment (during a save too) resumes from the newest one and loses nothing before it.
+A save that fails (a full disk raises ``DiskFullError``, naming the checkpoint) removes
+what it wrote, and pruning renames an old checkpoint away before deleting it.
 
 Arrays are stored as their raw bytes with dtype and shape recorded, so a restore is
 bit-exact for every dtype (bfloat16, uint8 codes, PRNG key data). Restoring needs a
@@ -17,6 +19,7 @@ whole guarantee we need, on every jax version the project supports.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,6 +30,19 @@ import jax
 import numpy as np
 
 _NAME = re.compile(r"^step_(\d{8})$")
+# "No space left on device" and "disk quota exceeded": the same fix for the user.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write failed because the file system is full or over quota; ``filename`` is the
+    path that could not be written, and the message says what to do."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(errno.ENOSPC, message, path)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
 
 
 def _to_numpy(leaf) -> tuple[np.ndarray, dict]:
@@ -67,16 +83,27 @@ def save_checkpoint(directory: str, step: int, tree, meta: dict, keep: int = 2) 
     for leftover in os.listdir(directory):  # half-written saves of a run that was killed
         if leftover.startswith(".tmp-step_") or ".old-" in leftover:
             shutil.rmtree(os.path.join(directory, leftover), ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
-        # numpy's stub types **kwds against allow_pickle too; the keys are leaf_NNNNN.
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-        f.flush()
-        os.fsync(f.fileno())
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"step": step, "meta": meta, "leaves": infos}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
+            # numpy's stub types **kwds against allow_pickle too; the keys are leaf_NNNNN.
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "meta": meta, "leaves": infos}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        # Nothing half-written stays behind (a full disk gets its space back at once).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(
+                f"cannot save checkpoint {final}: the disk is full ({e.strerror}); "
+                "nothing of it was kept and the earlier checkpoints are intact",
+                final,
+            ) from e
+        raise
     if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap it out
         old = final + f".old-{os.getpid()}"
         os.rename(final, old)
@@ -86,7 +113,11 @@ def save_checkpoint(directory: str, step: int, tree, meta: dict, keep: int = 2) 
         os.rename(tmp, final)
     _fsync_dir(directory)
     for stale in all_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+        # Renamed out of the step_* namespace first, so a kill during the removal never
+        # leaves a half-deleted directory that looks like a checkpoint.
+        doomed = stale + f".old-{os.getpid()}"
+        os.rename(stale, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

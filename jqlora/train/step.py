@@ -205,6 +205,29 @@ def configure_model(
     return model.clone(**fields) if fields else model
 
 
+def all_finite(tree) -> jax.Array:
+    """A boolean scalar: every floating-point leaf of ``tree`` is free of NaN and inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return (
+        jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
+    )
+
+
+def select_tree(pick_first: jax.Array, first, second):
+    """``first`` where the boolean scalar ``pick_first`` holds, else ``second``, leaf by leaf.
+
+    Each chosen leaf stays in the memory space of ``first``'s leaf, so optimizer state kept
+    in host memory (``jqlora.offload``) stays there.
+    """
+
+    def pick(a, b):
+        out = jnp.where(pick_first, a, b)
+        space = jax.typeof(a).memory_space
+        return out if space == jax.memory.Space.Device else jax.device_put(out, space)
+
+    return jax.tree.map(pick, first, second)
+
+
 def make_train_step(
     model,
     optimizer: optax.GradientTransformation,
@@ -214,6 +237,7 @@ def make_train_step(
     scan_layers: bool | None = None,
     donate: bool = True,
     jit: bool = True,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """A jitted ``step(state, params, batch, rng=None) -> (state, metrics)``.
 
@@ -224,6 +248,17 @@ def make_train_step(
     counted). ``state`` is donated (its buffers are reused for the new state: do not use
     the old one afterwards); ``params`` and ``batch`` are not. ``compute_dtype`` defaults
     to ``default_compute_dtype()``; ``remat`` / ``scan_layers`` are passed to the model.
+
+    ``skip_nonfinite=True`` guards the state against NaN and inf: when the loss, the
+    gradients or the new adapters / optimizer state are not all finite, the step returns
+    ``state`` unchanged (the update is discarded) and ``metrics["skipped"]`` is true. The
+    step then also takes ``skip`` (a boolean scalar array): true discards the update
+    whatever it holds, which lets a caller that accumulates gradients over several calls
+    drop the rest of an accumulated update once one part of it was non-finite (pass the
+    previous call's ``metrics["skipped"]``). Where everything is finite the result is
+    bit-identical to the unguarded step. The guard is a second small jitted program (no
+    host synchronisation): it reads the old and new state once, and the old state stays
+    alive until the update has run. The guarded step is a plain function calling both.
     """
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
     model = configure_model(
@@ -243,6 +278,26 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": aux["tokens"]}
         return TrainState(state.step + 1, lora, opt_state), metrics
 
-    if not jit:
-        return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    if not skip_nonfinite:
+        return jax.jit(step, donate_argnums=(0,) if donate else ()) if jit else step
+    # The update runs as its own program, the very one compiled without the guard: inside
+    # one program the guard would change how XLA fuses the update's arithmetic (and where it
+    # contracts it into FMAs), hence its last bits. The old state is kept for the guard.
+    update = jax.jit(step) if jit else step
+    guard = jax.jit(_keep_finite, donate_argnums=(1,) if donate else ()) if jit else _keep_finite
+
+    def guarded_step(state: TrainState, params, batch: dict, rng=None, skip=None):
+        new_state, metrics = update(state, params, batch, rng)
+        skip = jnp.zeros((), jnp.bool_) if skip is None else skip
+        state, skipped = guard(state, new_state, metrics["loss"], metrics["grad_norm"], skip)
+        return state, {**metrics, "skipped": skipped}
+
+    return guarded_step
+
+
+def _keep_finite(state: TrainState, new_state: TrainState, loss, grad_norm, skip):
+    """``(new_state, False)`` when the step's numbers are all finite and ``skip`` is false,
+    else ``(state, True)``."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_state[1:])
+    keep_old = ~finite | skip
+    return select_tree(keep_old, state, new_state), keep_old
