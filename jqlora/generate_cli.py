@@ -80,6 +80,12 @@ def run_generate(args: argparse.Namespace) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = np.array([[pad] * (width - len(e)) + list(e) for e in encoded])
     mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    # One jitted call does all the decoding; its compilation is most of the wait on a CPU.
+    print(
+        f"compiling the decode loop, then generating up to {args.max_new_tokens} tokens...",
+        file=sys.stderr,
+        flush=True,
+    )
     out = generate(
         model, params, ids, lora=lora, attention_mask=mask, max_new_tokens=args.max_new_tokens,
         eos_token_id=eos_ids(args.model, tokenizer) or None, pad_token_id=pad, **_sampling(args),
@@ -133,6 +139,13 @@ def run_chat(args: argparse.Namespace) -> int:
     eos = eos_ids(args.model, tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
+    print(
+        "ready: the first reply waits while XLA compiles the decode loop (later replies reuse "
+        "it until the conversation outgrows its length bucket)"
+        + ("; /exit ends the chat" if interactive else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     while True:
         if interactive:
             print("> ", end="", flush=True)
