@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jqlora.kernels import qmatmul
+from jqlora.kernels.lookup import vary_alike
 from jqlora.lora.branch import dropout, dropout_seed, lora_delta
 from jqlora.lora.dora import dora_linear
 from jqlora.quant import QuantizedTensor
@@ -39,6 +40,9 @@ def lora_branch(x: jax.Array, adapter: dict, *, dropout_rng=None) -> jax.Array:
     a, b = adapter["a"].astype(x.dtype), adapter["b"].astype(x.dtype)
     use_dropout = dropout_rng is not None and spec.dropout > 0.0
     seed = dropout_seed(dropout_rng) if use_dropout else None
+    # Under shard_map, a replicated adapter meets sharded activations: typed alike, autodiff
+    # sums the adapter's gradient over the shards (the transpose of the cast).
+    x, a, b = vary_alike(x, a, b)
     return lora_delta(x, a, b, seed, float(spec.scale), float(spec.dropout))
 
 

@@ -7,6 +7,7 @@ jqlora and shows the eval loss and a sample answer before and after.
 from __future__ import annotations
 
 import os
+import sys
 
 from jqlora.argtypes import fraction, positive_float, positive_int, sequence_length
 from jqlora.cli import HelpFormatter
@@ -111,6 +112,14 @@ def register(subparsers) -> None:
         "--seed", type=int, default=0, help="seeds the adapters, data order, split and dropout"
     )
     p.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a step whose loss or update is NaN/inf never changes the adapter; stop: end the "
+        "run there (the last good state is checkpointed, no adapter is written); skip: drop "
+        "that step's update, log it in metrics.jsonl and go on (5 such steps in a row still stop)",
+    )
+    p.add_argument(
         "--mesh",
         type=_mesh,
         default=None,
@@ -135,8 +144,9 @@ def _targets(text: str):
 
 def run(args) -> int:
     from jqlora.cli import InputError
+    from jqlora.train.checkpoint import DISK_FULL_ERRNOS, DiskFullError, latest_checkpoint
     from jqlora.train.data import DataError
-    from jqlora.train.loop import finetune
+    from jqlora.train.loop import NonFiniteLossError, finetune
 
     _check_inputs(args)
     try:
@@ -147,6 +157,7 @@ def run(args) -> int:
             target_modules=_targets(args.target_modules), quant=args.quant,
             offload_optimizer=args.offload_optimizer, remat=args.remat, eval_every=args.eval_every,
             save_every=args.save_every, resume=args.resume, seed=args.seed, mesh=args.mesh,
+            on_nonfinite=args.on_nonfinite,
         )  # fmt: skip
     except (DataError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
@@ -154,6 +165,20 @@ def run(args) -> int:
         # Configuration mistakes (a target pattern matching nothing, a resume with other
         # settings, an existing run in --out) are the user's to fix.
         raise InputError(str(e)) from None
+    except NonFiniteLossError as e:
+        return _fail(str(e))
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise
+        if isinstance(e, DiskFullError):  # a checkpoint: the message names it
+            what = str(e)
+        elif e.filename:
+            what = f"cannot write {e.filename}: the disk is full ({e.strerror})"
+        else:  # a write to an open file (metrics.jsonl) names no path
+            what = f"cannot write to {args.out}: the disk is full ({e.strerror})"
+        latest = latest_checkpoint(os.path.join(args.out, "checkpoints"))
+        then = f"add --resume to continue from {latest}" if latest else "run again"
+        return _fail(f"{what}. Free some disk space, then {then}")
     return 0
 
 
@@ -188,3 +213,9 @@ def _check_inputs(args) -> None:
                 check_target_names(targets, linear_layers(config, f"{args.model}/config.json"))
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+def _fail(message: str) -> int:
+    """The run could not finish for a reason outside the arguments: say why, exit 1."""
+    print(f"jqlora finetune: error: {message}", file=sys.stderr)
+    return 1

@@ -11,7 +11,8 @@ state (restored bit for bit from a checkpoint). So a run interrupted and resumed
 
 Output directory::
 
-    OUT/metrics.jsonl             one line per step: step, loss, tokens_per_s, lr, [eval_loss]
+    OUT/metrics.jsonl             one line per step: step, loss, grad_norm, tokens_per_s, lr,
+                                  [eval_loss]; a skipped non-finite step: skipped, reason
     OUT/checkpoints/step_*/       LoRA + optimizer state + data position + rng (atomic)
     OUT/adapter_model.safetensors, OUT/adapter_config.json   the PEFT adapter
     OUT/loss.png, OUT/report.md
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from importlib import resources
 from typing import Any
@@ -34,8 +36,11 @@ import optax
 
 from jqlora.train import checkpoint as ckpt
 from jqlora.train import data as data_lib
+from jqlora.train import nonfinite
 from jqlora.train import report as report_lib
+from jqlora.train.nonfinite import NonFiniteLossError  # noqa: F401  (raised by finetune)
 from jqlora.train.step import (
+    all_finite,
     configure_model,
     default_compute_dtype,
     init_train_state,
@@ -110,6 +115,7 @@ class FinetuneResult:
     sample_before: str | None
     sample_after: str | None
     lora: object = dataclasses.field(repr=False, default=None)
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 def make_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
@@ -190,6 +196,7 @@ def finetune(
     max_grad_norm: float = 0.3,
     compute_dtype=None,
     mesh=None,
+    on_nonfinite: str = "stop",
     sample: bool = True,
     max_new_tokens: int = 40,
     progress: bool = True,
@@ -204,6 +211,13 @@ def finetune(
     continues from the newest checkpoint in ``out/checkpoints``. ``mesh`` (e.g.
     ``"data=2,fsdp=4"``, see ``jqlora.sharding``) places the base, adapters, optimizer state
     and batches on the devices of this process; default: one device.
+
+    A step whose loss, gradients or update hold NaN or inf never changes the adapters or
+    the optimizer state. ``on_nonfinite="stop"`` (default) then ends the run with
+    ``NonFiniteLossError`` naming the step, after saving the last good state as a
+    checkpoint (no adapter is written); ``"skip"`` discards that step's update, logs it in
+    metrics.jsonl (``"skipped": true`` and the reason, in place of the loss) and goes on,
+    stopping all the same after ``nonfinite.MAX_CONSECUTIVE_NONFINITE`` (5) in a row.
     """
     from jqlora.lora import LoraConfig, init_lora
 
@@ -225,6 +239,8 @@ def finetune(
             raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
     if quant not in ("nf4", "fp4", "none"):
         raise ValueError(f"quant must be nf4, fp4 or none, got {quant!r}")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     data = data or default_data_path()
     path = resolve_model_path(model)
     log(f"model: {path} ({'float' if quant == 'none' else quant + ' + double quant'})")
@@ -311,7 +327,11 @@ def finetune(
         lora = state.lora
     rng = jax.random.key(seed + 1)
     step_fn = make_train_step(
-        base, optimizer, compute_dtype=compute_dtype, remat="nothing_saveable" if remat else None
+        base,
+        optimizer,
+        compute_dtype=compute_dtype,
+        remat="nothing_saveable" if remat else None,
+        skip_nonfinite=True,
     )
     eval_fn = make_eval_fn(base, compute_dtype)
     sample_ids = _prompt_of(eval_set[0] if eval_set else train_set[0]) if sample else None
@@ -355,6 +375,10 @@ def finetune(
 
     shapes_seen: set = set()
     last_eval = None
+    saved_step = start_step  # the newest checkpoint of this run holds this step
+    meta.setdefault("skipped_steps", [])
+    meta.setdefault("nonfinite_streak", 0)
+    no_skip = jnp.zeros((), jnp.bool_)
     if start_step < steps:
         log(
             f"training steps {start_step + 1}-{steps}: the first step of each new batch shape "
@@ -366,6 +390,7 @@ def finetune(
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             tokens, compiled, micro_losses = 0, False, []
+            skipped, micro_skipped = no_skip, []
             for j in range(grad_accum):
                 micro = step * grad_accum + j
                 batch = stream[micro]
@@ -377,7 +402,12 @@ def finetune(
                     bar.set_postfix_str(f"compiling the step for batch shape {tuple(shape)}")
                 shapes_seen.add(shape)
                 tokens += int(batch["attention_mask"].sum())
-                state, m = step_fn(state, params, batch, rng=jax.random.fold_in(rng, micro))
+                # A non-finite micro-batch discards the rest of its accumulated update too.
+                state, m = step_fn(
+                    state, params, batch, rng=jax.random.fold_in(rng, micro), skip=skipped
+                )
+                skipped = m["skipped"]
+                micro_skipped.append(skipped)
                 micro_losses.append(m["loss"])
             loss = float(np.mean([float(x) for x in micro_losses]))  # waits for the step
             dt = time.perf_counter() - t0
@@ -385,14 +415,32 @@ def finetune(
             if not compiled:  # throughput of steps that did not include compiling a new shape
                 meta["timed_tokens"] += tokens
                 meta["timed_s"] += dt
-            record: dict[str, float | None] = {
-                "step": step + 1,
-                "loss": loss,
-                "tokens_per_s": tokens / dt,
-                "grad_norm": float(m["grad_norm"]),
-                "lr": float(make_schedule(lr, warmup_steps)(step)),
-            }
             done = step + 1
+            record: dict[str, Any] = {"step": done}
+            if bool(skipped):  # the state is still that of the step before
+                if grad_accum > 1:  # the micro-batches before the bad one were accumulated
+                    applied = sum(not bool(x) for x in micro_skipped)
+                    state = nonfinite.undo_partial_accumulation(state, applied)
+                meta["skipped_steps"].append(done)
+                meta["nonfinite_streak"] += 1
+                reason = nonfinite.reason(loss, float(m["grad_norm"]))
+                record.update(skipped=True, reason=reason)
+            else:
+                meta["nonfinite_streak"] = 0
+                record.update(loss=loss, grad_norm=float(m["grad_norm"]))
+            # The schedule at this step (each skipped update before it delays the optimizer's).
+            record.update(tokens_per_s=tokens / dt, lr=float(make_schedule(lr, warmup_steps)(step)))
+            streak = meta["nonfinite_streak"]
+            if streak and (on_nonfinite == "stop" or streak >= nonfinite.MAX_CONSECUTIVE_NONFINITE):
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                bar.close()
+                kept = nonfinite.keep_last_good(
+                    ckpt_dir, done - streak, saved_step, state, rng, meta, grad_accum
+                )
+                raise nonfinite.NonFiniteLossError(done, reason, streak, kept, on_nonfinite)
+            if streak:
+                log(f"step {done}: {reason}; its update was skipped")
             if eval_set and (done % eval_every == 0 or done == steps):
                 last_eval = evaluate_loss(
                     eval_fn, state.lora, params, eval_set, batch_size, seq_len, pad_id
@@ -405,10 +453,9 @@ def finetune(
                 loss=f"{loss:.3f}", eval_loss=_fmt(last_eval), tok_s=f"{tokens / dt:.0f}"
             )
             if done % save_every == 0 or done == steps:
-                meta["data_position"] = (
-                    done * grad_accum
-                )  # micro-batches consumed: stream[i] is next
+                meta["data_position"] = done * grad_accum  # micro-batches consumed
                 ckpt.save_checkpoint(ckpt_dir, done, {"state": state, "rng": rng}, meta)
+                saved_step = done
     bar.close()
 
     lora = state.lora
@@ -421,9 +468,7 @@ def finetune(
         if sample
         else None
     )
-    from jqlora.hf.peft import save_peft_adapter
-
-    save_peft_adapter(out, lora, lora_config, base_model_name_or_path=model)
+    _save_adapter(out, lora, lora_config, model)
     result = FinetuneResult(
         out=out,
         model=model,
@@ -443,6 +488,7 @@ def finetune(
         sample_before=meta["sample_before"],
         sample_after=sample_after,
         lora=lora,
+        skipped_steps=list(meta["skipped_steps"]),
     )
     report_lib.plot_loss(report_lib.read_metrics(metrics_path), os.path.join(out, "loss.png"))
     text = report_lib.format_report(result)
@@ -453,6 +499,8 @@ def finetune(
     )
     if sample:
         log(f"sample before: {result.sample_before!r}\nsample after:  {result.sample_after!r}")
+    if result.skipped_steps:
+        log(f"skipped {len(result.skipped_steps)} non-finite steps: {result.skipped_steps}")
     log(
         f"{result.tokens_per_s:.0f} tokens/s, peak RSS {result.memory['peak_rss_bytes'] / 2**30:.2f} GiB, "
         f"{time.time() - t_start:.0f} s in all; adapter, loss.png and report.md in {out}"
@@ -460,11 +508,44 @@ def finetune(
     return result
 
 
+def _save_adapter(out: str, lora, lora_config, model: str) -> None:
+    """The PEFT adapter files, written into a directory beside them and moved into ``out``:
+    a killed or failed write leaves no partial adapter file."""
+    from jqlora.hf.peft import save_peft_adapter
+
+    if not bool(all_finite(lora)):  # the train step never lets this happen; never write it
+        raise RuntimeError(f"{out}: the trained adapter holds NaN or inf; not writing it")
+    for leftover in os.listdir(out):  # of a run killed while writing its adapter
+        if leftover.startswith(".tmp-adapter-"):
+            shutil.rmtree(os.path.join(out, leftover), ignore_errors=True)
+    tmp = os.path.join(out, f".tmp-adapter-{os.getpid()}")
+    try:
+        save_peft_adapter(tmp, lora, lora_config, base_model_name_or_path=model)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past ``step``: the resumed run writes them again, identically."""
-    kept = [m for m in report_lib.read_metrics(path) if m["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in kept)
+    """Drop metric lines past ``step`` (the resumed run writes them again, identically) and
+    a last line a kill cut short. The file is replaced whole, so a kill here loses nothing."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [
+                line
+                for line in f
+                if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step
+            ]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _progress(total: int, initial: int, enabled: bool):
