@@ -380,10 +380,15 @@ def finetune(
     meta.setdefault("nonfinite_streak", 0)
     no_skip = jnp.zeros((), jnp.bool_)
     if start_step < steps:
+        shapes = len(stream.buckets)
         log(
-            f"training steps {start_step + 1}-{steps}: the first step of each new batch shape "
-            f"compiles the train step first (up to {len(stream.buckets)} shapes), so early "
-            "steps are slower"
+            f"training steps {start_step + 1}-{steps}: "
+            + (
+                "the first step compiles the train step first"
+                if shapes == 1
+                else f"the first step of each of the {shapes} batch shapes compiles first"
+            )
+            + ", so early steps are slower"
         )
     bar = _progress(steps, start_step, progress)
     with open(metrics_path, "a") as metrics_file:
