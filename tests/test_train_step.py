@@ -264,3 +264,20 @@ def test_llama_model_remat_field():
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), s1.lora, s0.lora
     )
+
+
+def test_default_compute_dtype_follows_the_hardware(monkeypatch):
+    """bfloat16 where bfloat16 matmuls are fast (GPU, TPU, CPUs with AMX), else float32;
+    ``JQLORA_COMPUTE_DTYPE`` overrides."""
+    from jqlora.train import step as step_module
+
+    monkeypatch.delenv("JQLORA_COMPUTE_DTYPE", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    for has_amx, expected in ((True, jnp.bfloat16), (False, jnp.float32)):
+        monkeypatch.setattr(step_module, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        assert step_module.default_compute_dtype() == jnp.dtype(expected)
+    monkeypatch.setenv("JQLORA_COMPUTE_DTYPE", "bfloat16")
+    assert step_module.default_compute_dtype() == jnp.dtype(jnp.bfloat16)
+    monkeypatch.setenv("JQLORA_COMPUTE_DTYPE", "float16")
+    with pytest.raises(ValueError, match="JQLORA_COMPUTE_DTYPE"):
+        step_module.default_compute_dtype()
