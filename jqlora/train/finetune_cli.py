@@ -96,6 +96,13 @@ def register(subparsers) -> None:
         "--quant", choices=("nf4", "fp4", "none"), default="nf4", help="4-bit format of the base"
     )
     p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="dtype of activations and matmuls; default: bfloat16 on GPU, TPU and CPUs with "
+        "AMX (fast bfloat16 matmuls), float32 on other CPUs",
+    )
+    p.add_argument(
         "--offload-optimizer", action="store_true", help="keep optimizer state in host memory"
     )
     p.add_argument(
@@ -157,7 +164,7 @@ def run(args) -> int:
             target_modules=_targets(args.target_modules), quant=args.quant,
             offload_optimizer=args.offload_optimizer, remat=args.remat, eval_every=args.eval_every,
             save_every=args.save_every, resume=args.resume, seed=args.seed, mesh=args.mesh,
-            on_nonfinite=args.on_nonfinite,
+            on_nonfinite=args.on_nonfinite, compute_dtype=args.compute_dtype,
         )  # fmt: skip
     except (DataError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
