@@ -391,6 +391,9 @@ def finetune(
             + ", so early steps are slower"
         )
     bar = _progress(steps, start_step, progress)
+    # Time left is estimated from steps that compiled nothing: a compiling step is many
+    # times slower, and tqdm's own estimate would promise hours after the first step.
+    fast_s, fast_steps = 0.0, 0
     with open(metrics_path, "a") as metrics_file:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
@@ -420,6 +423,7 @@ def finetune(
             if not compiled:  # throughput of steps that did not include compiling a new shape
                 meta["timed_tokens"] += tokens
                 meta["timed_s"] += dt
+                fast_s, fast_steps = fast_s + dt, fast_steps + 1
             done = step + 1
             record: dict[str, Any] = {"step": done}
             if bool(skipped):  # the state is still that of the step before
@@ -455,7 +459,12 @@ def finetune(
             metrics_file.flush()
             bar.update(1)
             bar.set_postfix(
-                loss=f"{loss:.3f}", eval_loss=_fmt(last_eval), tok_s=f"{tokens / dt:.0f}"
+                {
+                    "loss": f"{loss:.3f}",
+                    "eval_loss": _fmt(last_eval),
+                    "tok_s": f"{tokens / dt:.0f}",
+                    "left": _time_left(steps - done, fast_s, fast_steps),
+                }
             )
             if done % save_every == 0 or done == steps:
                 meta["data_position"] = done * grad_accum  # micro-batches consumed
@@ -556,7 +565,25 @@ def _truncate_metrics(path: str, step: int) -> None:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+        bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+    )
+
+
+def _time_left(steps_left: int, seconds: float, steps: int) -> str:
+    """``steps_left`` at the mean pace of ``steps`` (evaluations and checkpoints aside)."""
+    from tqdm import tqdm
+
+    if not steps_left:
+        return "00:00"
+    if not steps:
+        return "?"
+    return tqdm.format_interval(steps_left * seconds / steps)
 
 
 def _fmt(x) -> str:
