@@ -206,3 +206,20 @@ def test_adapter_trained_on_a_4bit_base_loads_onto_jqlora_nf4(tmp_path):
     model, params = jqlora.load_hf(tmp_path / "base", jqlora.QuantConfig("nf4"))
     lora, _ = load_peft_adapter(tmp_path / "adapter", params)
     np.testing.assert_allclose(jqlora_logits(model, params, IDS, lora), expected, atol=1e-4, rtol=0)
+
+
+def test_finetune_adapter_names_the_default_model_by_its_hub_name(bases, tmp_path):
+    """PEFT loads an adapter's base by ``base_model_name_or_path``: the default model's short
+    name is jqlora's own, so the adapter records the hub name; any other model is as given."""
+    from jqlora.hf import smollm2
+    from jqlora.train.loop import _save_adapter
+
+    base_dir, _, params = bases("llama")
+    config = jqlora.LoraConfig(r=2, target_modules=["q_proj"])
+    lora = jqlora.init_lora(jax.random.PRNGKey(0), params, config)
+    for model, expected in ((smollm2.MODEL_NAME, smollm2.HUB_NAME), (str(base_dir),) * 2):
+        out = tmp_path / str(len(expected))
+        out.mkdir()
+        _save_adapter(str(out), lora, config, model)
+        written = json.loads((out / "adapter_config.json").read_text())
+        assert written["base_model_name_or_path"] == expected

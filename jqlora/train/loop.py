@@ -525,6 +525,7 @@ def finetune(
 def _save_adapter(out: str, lora, lora_config, model: str) -> None:
     """The PEFT adapter files, written into a directory beside them and moved into ``out``:
     a killed or failed write leaves no partial adapter file."""
+    from jqlora.hf import smollm2
     from jqlora.hf.peft import save_peft_adapter
 
     if not bool(all_finite(lora)):  # the train step never lets this happen; never write it
@@ -534,7 +535,9 @@ def _save_adapter(out: str, lora, lora_config, model: str) -> None:
             shutil.rmtree(os.path.join(out, leftover), ignore_errors=True)
     tmp = os.path.join(out, f".tmp-adapter-{os.getpid()}")
     try:
-        save_peft_adapter(tmp, lora, lora_config, base_model_name_or_path=model)
+        # PEFT loads the base named here: the default model's short name is jqlora's own.
+        base_name = smollm2.HUB_NAME if model == smollm2.MODEL_NAME else model
+        save_peft_adapter(tmp, lora, lora_config, base_model_name_or_path=base_name)
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
     finally:
