@@ -133,11 +133,15 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dty
     state = jqlora.init_train_state(lora, optimizer)
     step = jqlora.make_train_step(model, optimizer, compute_dtype=dtype)
     eval_model = configure_model(model, compute_dtype=dtype)
+    # params go in as an argument: closed over, they would be constants of the program and
+    # XLA would fold the dequantization at compile time (gigabytes of compile memory).
     eval_fn = jax.jit(
-        lambda lora, b: jqlora.loss_fn(lora, params, b, model=eval_model, compute_dtype=dtype)[0]
+        lambda lora, params, b: jqlora.loss_fn(
+            lora, params, b, model=eval_model, compute_dtype=dtype
+        )[0]
     )
     held = {"input_ids": jnp.asarray(batches[-1])}
-    eval_before = float(eval_fn(state.lora, held))
+    eval_before = float(eval_fn(state.lora, params, held))
     times, cpu, key = [], [], jax.random.key(1)
     for i in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -147,7 +151,7 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dty
         loss = float(m["loss"])
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    eval_after = float(eval_fn(state.lora, held))
+    eval_after = float(eval_fn(state.lora, params, held))
     c = model.config
     n_matmul = sum(_size(_get(params, p)["weight"]) for p in linear_modules(params))
     if c.tie_word_embeddings:
@@ -186,7 +190,7 @@ def measure_dot_rate(n: int = 2048, reps: int = 10, dtype: str = "float32") -> t
     import jax
     import jax.numpy as jnp
 
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot(a, b).block_until_ready()

@@ -23,52 +23,34 @@ def _number(text: str, kind: type):
     return value
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (steps, batch size, rank, token counts)."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _bounded(kind: type, accept, requirement: str, doc: str):
+    """An option type: a ``kind`` number for which ``accept(value)`` holds."""
+
+    def parse(text: str):
+        value = _number(text, kind)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (learning rate, alpha, epochs)."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (sampling temperature)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in [0, 1) (dropout)."""
-    value = _number(text, float)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1] (nucleus sampling's top-p)."""
-    value = _number(text, float)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
-
-
-def sequence_length(text: str) -> int:
-    """A sequence length: at least 2 tokens, so that one token has a prediction to score."""
-    value = _number(text, int)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
-    return value
+positive_int = _bounded(
+    int, lambda v: v >= 1, "an integer >= 1", "An integer >= 1 (steps, batch size, rank, tokens)."
+)
+positive_float = _bounded(
+    float, lambda v: v > 0, "a number > 0", "A finite number > 0 (learning rate, alpha, epochs)."
+)
+non_negative_float = _bounded(
+    float, lambda v: v >= 0, "a number >= 0", "A finite number >= 0 (sampling temperature)."
+)
+fraction = _bounded(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "A number in [0, 1) (dropout).")
+probability = _bounded(
+    float, lambda v: 0.0 < v <= 1.0, "in (0, 1]", "A number in (0, 1] (nucleus sampling's top-p)."
+)
+#: at least 2 tokens, so that one token has a prediction to score
+sequence_length = _bounded(int, lambda v: v >= 2, "an integer >= 2", "A sequence length (>= 2).")
 
 
 def blocksize(text: str) -> int:
