@@ -63,7 +63,7 @@ def _install_hooks() -> None:
 
     from jqlora.hf import peft
     from jqlora.train import checkpoint as ckpt
-    from jqlora.train import loop
+    from jqlora.train import prepare
 
     def makedirs(path, *args, **kwargs):
         os.makedirs(path, *args, **kwargs)
@@ -113,7 +113,7 @@ def _install_hooks() -> None:
 
     ckpt.save_checkpoint = saving
 
-    make_train_step = loop.make_train_step
+    make_train_step = prepare.make_train_step
 
     def make_observed_step(*args, **kwargs):
         step = make_train_step(*args, **kwargs)
@@ -125,7 +125,7 @@ def _install_hooks() -> None:
 
         return observed
 
-    loop.make_train_step = make_observed_step
+    prepare.make_train_step = make_observed_step
 
     save_peft_adapter = peft.save_peft_adapter
 

@@ -82,7 +82,7 @@ def format_report(result) -> str:
         "",
         f"- data: {result.data} ({result.n_train} train / {result.n_eval} held-out examples)",
         f"- steps: {result.steps} (batch {result.batch_size} x grad-accum {result.grad_accum}, seq <= {result.seq_len})",
-        f"- eval loss: {_fmt(result.eval_loss_before)} before -> {_fmt(result.eval_loss_after)} after",
+        f"- eval loss: {format_loss(result.eval_loss_before)} before -> {format_loss(result.eval_loss_after)} after",
         f"- throughput: {result.tokens_per_s:.0f} tokens/s (steps without compilation)",
         f"- train time: {result.train_time_s:.0f} s",
     ]
@@ -108,7 +108,8 @@ def format_report(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(x) -> str:
+def format_loss(x: float | None) -> str:
+    """A loss to four decimals, or n/a."""
     return "n/a" if x is None else f"{x:.4f}"
 
 

@@ -1,0 +1,118 @@
+"""What a finished fine-tuning run leaves (see ``jqlora.train.loop``): the PEFT adapter,
+loss.png, report.md, a summary in the log and the ``FinetuneResult``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+
+from jqlora.train import report as report_lib
+from jqlora.train.prepare import Run
+from jqlora.train.report import format_loss
+from jqlora.train.run_args import FinetuneArgs
+from jqlora.train.step import TrainState, all_finite
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What a finished run produced; ``lora`` is the trained adapter tree."""
+
+    out: str
+    model: str
+    data: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    seq_len: int
+    n_train: int
+    n_eval: int
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    tokens_per_s: float
+    train_time_s: float
+    memory: dict
+    sample_prompt: str | None
+    sample_before: str | None
+    sample_after: str | None
+    lora: object = dataclasses.field(repr=False, default=None)
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
+
+
+def finish_run(
+    run: Run, state: TrainState, eval_loss_after: float | None, t_start: float
+) -> FinetuneResult:
+    """Samples the trained model, writes the adapter, loss.png and report.md into
+    ``run.args.out`` and logs a summary of the run begun at ``t_start`` (``time.time()``)."""
+    args, meta = run.args, run.meta
+    lora = state.lora
+    sample_after = run.sample_answer(lora) if args.sample else None
+    _save_adapter(args.out, lora, run.lora_config, args.model)
+    result = FinetuneResult(
+        out=args.out,
+        model=args.model,
+        data=run.data,
+        steps=run.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        n_train=len(run.train_set),
+        n_eval=len(run.eval_set),
+        eval_loss_before=meta["eval_loss_before"],
+        eval_loss_after=eval_loss_after,
+        tokens_per_s=meta["timed_tokens"] / meta["timed_s"] if meta["timed_s"] else 0.0,
+        train_time_s=meta["train_time_s"],
+        memory=report_lib.peak_memory_bytes(),
+        sample_prompt=run.tokenizer.decode(run.sample_ids) if args.sample else None,
+        sample_before=meta["sample_before"],
+        sample_after=sample_after,
+        lora=lora,
+        skipped_steps=list(meta["skipped_steps"]),
+    )
+    report_lib.plot_loss(
+        report_lib.read_metrics(run.metrics_path), os.path.join(args.out, "loss.png")
+    )
+    text = report_lib.format_report(result)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(text)
+    _log_summary(result, args, t_start)
+    return result
+
+
+def _log_summary(result: FinetuneResult, args: FinetuneArgs, t_start: float) -> None:
+    log = args.log
+    log(
+        f"eval loss: {format_loss(result.eval_loss_before)} before -> "
+        f"{format_loss(result.eval_loss_after)} after"
+    )
+    if args.sample:
+        log(f"sample before: {result.sample_before!r}\nsample after:  {result.sample_after!r}")
+    if result.skipped_steps:
+        log(f"skipped {len(result.skipped_steps)} non-finite steps: {result.skipped_steps}")
+    log(
+        f"{result.tokens_per_s:.0f} tokens/s, peak RSS {result.memory['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        f"{time.time() - t_start:.0f} s in all; adapter, loss.png and report.md in {result.out}"
+    )
+
+
+def _save_adapter(out: str, lora, lora_config, model: str) -> None:
+    """The PEFT adapter files, written into a directory beside them and moved into ``out``:
+    a killed or failed write leaves no partial adapter file."""
+    from jqlora.hf import smollm2
+    from jqlora.hf.peft import save_peft_adapter
+
+    if not bool(all_finite(lora)):  # the train step never lets this happen; never write it
+        raise RuntimeError(f"{out}: the trained adapter holds NaN or inf; not writing it")
+    for leftover in os.listdir(out):  # of a run killed while writing its adapter
+        if leftover.startswith(".tmp-adapter-"):
+            shutil.rmtree(os.path.join(out, leftover), ignore_errors=True)
+    tmp = os.path.join(out, f".tmp-adapter-{os.getpid()}")
+    try:
+        # PEFT loads the base named here: the default model's short name is jqlora's own.
+        base_name = smollm2.HUB_NAME if model == smollm2.MODEL_NAME else model
+        save_peft_adapter(tmp, lora, lora_config, base_model_name_or_path=base_name)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
