@@ -282,6 +282,33 @@ def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
     ).astype(h.dtype)
 
 
+class CausalLMHead:
+    """The output head every ``*ForCausalLM`` shares (a mixin; needs ``config`` and ``dtype``).
+
+    The head is the input embedding at ``TIED_EMBEDDING`` (a params path) when the config
+    ties them, else a ``Linear`` named ``lm_head``. ``__call__(..., hidden_only=True)``
+    returns the hidden states the head would read, so that a loss can apply the head itself
+    (``jqlora.train.head_loss``) with the weight at ``head_weight_path()``.
+    """
+
+    TIED_EMBEDDING: tuple[str, ...] = ()
+
+    def head_weight_path(self) -> tuple[str, ...]:
+        """The params path of the head's ``[vocab, hidden]`` weight."""
+        tied = self.config.tie_word_embeddings  # type: ignore[attr-defined]
+        return self.TIED_EMBEDDING if tied else ("lm_head", "weight")
+
+    def head_logits(self, h: jax.Array) -> jax.Array:
+        """``[..., vocab]`` logits of hidden states ``h``; call inside the compact ``__call__``."""
+        c = self.config  # type: ignore[attr-defined]
+        if c.tie_word_embeddings:
+            weight = self.variables["params"]  # type: ignore[attr-defined]
+            for key in self.TIED_EMBEDDING:
+                weight = weight[key]
+            return tied_logits(h, weight)
+        return Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)  # type: ignore[attr-defined]
+
+
 def next_cache(cache: KVCache | None, new_kv: list, valid: jax.Array, seq: int) -> KVCache | None:
     """The cache after a forward pass of ``seq`` tokens (None without a cache)."""
     if cache is None:

@@ -139,24 +139,29 @@ class GPT2Model(nn.Module):
         return h, common.next_cache(cache, new_kv, valid, s)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(common.CausalLMHead, nn.Module):
     """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
-    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given)."""
+    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given);
+    ``hidden_only=True``: the final hidden states ``[b, s, hidden]`` instead (see
+    ``common.CausalLMHead``)."""
 
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32
     remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each block
 
+    TIED_EMBEDDING = ("transformer", "wte", "weight")
+
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
+    ):
         c = self.config
         h, new_cache = GPT2Model(c, self.dtype, self.remat, name="transformer")(
             input_ids, attention_mask, positions, cache
         )
-        if c.tie_word_embeddings:
-            logits = common.tied_logits(h, self.variables["params"]["transformer"]["wte"]["weight"])
-        else:
-            logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)
+        if hidden_only:
+            return h
+        logits = self.head_logits(h)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:

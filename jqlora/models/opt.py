@@ -158,26 +158,29 @@ def _default_positions(b, s, attention_mask, cache):
     return (jnp.cumsum(new, axis=1) + before) * new - 1
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(common.CausalLMHead, nn.Module):
     """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
-    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given)."""
+    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given);
+    ``hidden_only=True``: the final hidden states ``[b, s, hidden]`` instead (see
+    ``common.CausalLMHead``)."""
 
     config: OPTConfig
     dtype: jnp.dtype = jnp.float32
     remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each decoder layer
 
+    TIED_EMBEDDING = ("model", "decoder", "embed_tokens", "weight")
+
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
+    ):
         c = self.config
         h, new_cache = OPTModel(c, self.dtype, self.remat, name="model")(
             input_ids, attention_mask, positions, cache
         )
-        if c.tie_word_embeddings:
-            logits = common.tied_logits(
-                h, self.variables["params"]["model"]["decoder"]["embed_tokens"]["weight"]
-            )
-        else:
-            logits = Linear(c.vocab_size, False, self.dtype, name="lm_head")(h)
+        if hidden_only:
+            return h
+        logits = self.head_logits(h)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -59,6 +59,7 @@ import optax
 
 from jqlora.lora.check import check_lora
 from jqlora.quant import QuantizedTensor
+from jqlora.train.head_loss import fused_next_token_loss
 
 IGNORE_INDEX = -100
 
@@ -130,16 +131,25 @@ def next_token_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     ids = batch["input_ids"]
     if logits.shape[:2] != ids.shape:
         raise ValueError(f"logits shape {logits.shape} does not match input_ids shape {ids.shape}")
-    # Every position is scored against the next token (the last against a dummy with weight
-    # 0) rather than slicing off the last position: the slice would copy the whole
-    # [batch, seq, vocab] logits, forward and backward.
     z = logits.astype(jnp.float32)
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    w = jnp.pad(target_mask(batch), ((0, 0), (0, 1)))
-    target_logit = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    targets, w = _shifted_targets(batch)
+    target_logit = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(w > 0, jax.nn.logsumexp(z, axis=-1) - target_logit, 0.0)
     tokens = jnp.sum(w)
     return jnp.sum(nll * w) / jnp.maximum(tokens, 1.0), {"tokens": tokens}
+
+
+def _shifted_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(targets, weights)``, both ``[batch, seq]``: position ``t`` is scored against token
+    ``t + 1`` with weight ``target_mask``; the last position against a dummy 0 with weight 0.
+
+    Every position is scored rather than slicing off the last one: the slice would copy the
+    whole ``[batch, seq, vocab]`` logits, forward and backward.
+    """
+    ids = batch["input_ids"]
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    weights = jnp.pad(target_mask(batch), ((0, 0), (0, 1)))
+    return targets.astype(jnp.int32), weights
 
 
 def _cast_base(params, dtype):
@@ -162,17 +172,43 @@ def loss_fn(
     float leaves of the base (embeddings, norms, unquantized weights); the adapters stay
     float32 and are cast where they meet the activations, so their gradients are float32.
     ``rng`` turns LoRA dropout on.
+
+    A model that names its output head (``head_weight_path``, see
+    ``models.common.CausalLMHead``) whose head is a plain frozen weight returns its hidden
+    states and the head runs inside the loss (``head_loss.fused_next_token_loss``), a chunk
+    of tokens at a time; otherwise the loss reads the model's full logits.
     """
     if compute_dtype is not None:
         params = _cast_base(params, compute_dtype)
+    variables = {"params": params, "lora": lora}
     rngs = {"dropout": rng} if rng is not None else {}
-    logits = model.apply(
-        {"params": params, "lora": lora},
-        batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        rngs=rngs,
-    )
-    return next_token_loss(logits, batch)
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    head = _plain_head_weight(model, params, lora)
+    if head is None:
+        logits = model.apply(variables, ids, attention_mask=mask, rngs=rngs)
+        return next_token_loss(logits, batch)
+    hidden = model.apply(variables, ids, attention_mask=mask, rngs=rngs, hidden_only=True)
+    targets, weights = _shifted_targets(batch)
+    tokens = jnp.sum(weights)
+    return fused_next_token_loss(hidden, head, targets, weights), {"tokens": tokens}
+
+
+def _plain_head_weight(model, params, lora) -> jax.Array | None:
+    """The model's output-head weight when the fused head loss can apply it: the model says
+    where it lies (``head_weight_path``), it is a plain array (not quantized) and it carries
+    no adapter. None otherwise: the loss then goes through the model's full logits."""
+    path_of = getattr(model, "head_weight_path", None)
+    if path_of is None:
+        return None
+    path = path_of()
+    weight, adapter = params, lora
+    for key in path:
+        weight = weight.get(key) if isinstance(weight, Mapping) else None
+    for key in path[:-1]:  # adapters sit at the module's path, beside its "weight"
+        adapter = adapter.get(key) if isinstance(adapter, Mapping) else None
+    if isinstance(weight, QuantizedTensor) or weight is None or adapter is not None:
+        return None
+    return weight
 
 
 def make_optimizer(
