@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jqlora.lora.linear import Linear
+from jqlora.models.attention import attention
 
 __all__ = [
     "ACTIVATIONS",
@@ -226,24 +227,6 @@ def write_cache(
     k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
     v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
     return k, v
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Grouped-query softmax attention.
-
-    ``q: [b, s, h, d]``, ``k, v: [b, t, kv, d]`` with ``h`` a multiple of ``kv`` (query head
-    ``i`` reads KV head ``i // (h / kv)``), ``mask: [b, s, t]`` bool. Scores
-    ``scale * q.k`` and the softmax are float32; a fully masked row (a padding query)
-    comes out as a uniform average instead of NaN. Returns ``[b, s, h * d]``.
-    """
-    b, s, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype).reshape(b, s, h * d)
 
 
 class LayerList(nn.Module):
