@@ -78,7 +78,12 @@ def test_forward_and_gradients_match_peft(rate):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(7, IN), (2, 3, IN)])
 def test_custom_backward_equals_autodiff(dtype, shape):
-    """The hand-written backward pass against JAX's autodiff of the same forward formula."""
+    """The hand-written backward pass against JAX's autodiff of the same forward formula.
+
+    In bfloat16 both run in bfloat16 but round differently (the custom pass accumulates in
+    float32), so both are held against autodiff in float32 of the same inputs: the custom
+    pass may not be further from it than autodiff in bfloat16 is, plus a little.
+    """
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], shape, dtype)
     a = (jax.random.normal(k[1], (R, IN)) * 0.2).astype(dtype)
@@ -86,20 +91,24 @@ def test_custom_backward_equals_autodiff(dtype, shape):
     cot = jax.random.normal(k[3], (*shape[:-1], OUT), dtype)
     seed = dropout_seed(jax.random.key(5))
 
-    def plain(x, a, b):
-        return jnp.sum(((dropout(x, seed, 0.25) @ a.T) @ b.T) * jnp.asarray(2.0, dtype) * cot)
+    def plain(x, a, b, cot):
+        return jnp.sum(((dropout(x, seed, 0.25) @ a.T) @ b.T) * jnp.asarray(2.0, x.dtype) * cot)
 
     def custom(x, a, b):
         return jnp.sum(lora_delta(x, a, b, seed, 2.0, 0.25) * cot)
 
-    tol = 1e-5 if dtype == jnp.float32 else 3e-2
-    for g, want in zip(
-        jax.grad(custom, (0, 1, 2))(x, a, b), jax.grad(plain, (0, 1, 2))(x, a, b), strict=True
-    ):
-        assert g.dtype == want.dtype
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
-        )
+    got = jax.grad(custom, (0, 1, 2))(x, a, b)
+    same_dtype = jax.grad(plain, (0, 1, 2))(x, a, b, cot)
+    f32 = [x.astype(jnp.float32) for x in (x, a, b, cot)]
+    exact = jax.grad(plain, (0, 1, 2))(*f32)
+    for g, low, want in zip(got, same_dtype, exact, strict=True):
+        assert g.dtype == low.dtype == dtype
+        g, low, want = (np.asarray(v, np.float32) for v in (g, low, want))
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+        else:
+            scale = np.abs(want).max()
+            assert np.abs(g - want).max() <= np.abs(low - want).max() + 1e-2 * scale
 
 
 def test_masks_have_the_rate_and_are_independent():

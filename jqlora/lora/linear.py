@@ -37,7 +37,7 @@ def lora_dropout(x: jax.Array, rate: float, rng) -> jax.Array | None:
 def lora_branch(x: jax.Array, adapter: dict, *, dropout_rng=None) -> jax.Array:
     """``scale * (dropout(x) @ a.T @ b.T)`` in x's dtype (backward pass: ``branch.py``)."""
     spec = adapter["spec"]
-    a, b = adapter["a"].astype(x.dtype), adapter["b"].astype(x.dtype)
+    a, b = adapter["a"], adapter["b"]  # cast to x's dtype inside, float32 gradients out
     use_dropout = dropout_rng is not None and spec.dropout > 0.0
     seed = dropout_seed(dropout_rng) if use_dropout else None
     # Under shard_map, a replicated adapter meets sharded activations: typed alike, autodiff
