@@ -21,6 +21,7 @@ positions the model should see (``positions``); decoding steps then pass ``[b, 1
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -149,6 +150,32 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_activation(name: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``act(gate) * up`` (a gated MLP's hidden state) in float32, rounded once to gate's dtype.
+
+    bfloat16 arithmetic on a CPU rounds after every operation; here the whole expression runs
+    in float32. The backward pass keeps ``gate`` and ``up`` in their own dtype and recomputes
+    the float32 values, where autodiff would keep both in float32 (twice the memory).
+    """
+    return (ACTIVATIONS[name](gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _gated_fwd(name, gate, up):
+    return gated_activation(name, gate, up), (gate, up)
+
+
+def _gated_bwd(name, residuals, d_out):
+    gate, up = residuals
+    act, act_vjp = jax.vjp(ACTIVATIONS[name], gate.astype(jnp.float32))
+    d_out = d_out.astype(jnp.float32)
+    (d_gate,) = act_vjp(d_out * up.astype(jnp.float32))
+    return d_gate.astype(gate.dtype), (d_out * act).astype(up.dtype)
+
+
+gated_activation.defvjp(_gated_fwd, _gated_bwd)
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 
@@ -163,11 +190,13 @@ def apply_rope(
     """
     angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
-    cos = (jnp.cos(angles) * attention_scale).astype(x.dtype)[:, :, None, :]
-    sin = (jnp.sin(angles) * attention_scale).astype(x.dtype)[:, :, None, :]
+    cos = (jnp.cos(angles) * attention_scale)[:, :, None, :]
+    sin = (jnp.sin(angles) * attention_scale)[:, :, None, :]
+    # In float32 and rounded once: bfloat16 arithmetic on a CPU rounds after every operation.
+    x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -120,10 +120,11 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        act = common.activation(c.hidden_act)
+        common.activation(c.hidden_act)  # an unknown name fails here, before any matmul
         gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(x)
         up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(x)
-        return Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(act(gate) * up)
+        hidden = common.gated_activation(c.hidden_act, gate, up)
+        return Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
