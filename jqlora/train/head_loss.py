@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jqlora.kernels.lookup import vary_alike
+
 #: Logit elements per chunk (64 MiB of float32): 256 tokens of a 49152-token vocabulary.
 CHUNK_ELEMENTS = 1 << 24
 
@@ -73,7 +75,9 @@ def _loss_and_grad(h, head, targets, weights):
         nll_sum, dh = _chunk_loss_and_grad(x[0], head, x[1], x[2], inv_count)
         return total + nll_sum, dh
 
-    total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    # Under shard_map the carry must vary over the mesh axes its updates vary over.
+    zero = vary_alike(jnp.zeros((), jnp.float32), h, head, targets, weights)[0]
+    total, dh = jax.lax.scan(body, zero, xs)
     return total * inv_count, dh.reshape(n_chunks * chunk, d)[:n]
 
 
