@@ -10,7 +10,8 @@
 * **LoRA parameters, their gradients and the optimizer state**: float32, 4 bytes each, and
   AdamW's two moments, 8 bytes per LoRA parameter (in host memory with ``offload``);
 * **activations** saved for the backward pass, in the compute dtype (see
-  ``activation_bytes``), and the logits with the float32 loss computation;
+  ``activation_bytes``), and the logits with the float32 loss computation (one chunk of
+  tokens at a time where the loss applies the output head itself);
 
 and sets beside it the same model fine-tuned in full (16 bytes per parameter: 2 bf16 weight
 + 2 bf16 gradient + 4 f32 master weight + 8 AdamW moments, plus the same activations) and
@@ -37,6 +38,7 @@ from jqlora.lora import LoraConfig, init_lora
 from jqlora.lora.targets import dotted, get_in, linear_modules
 from jqlora.models import model_for_config
 from jqlora.quant.codebooks import NESTED_BLOCKSIZE
+from jqlora.train.head_loss import chunk_tokens
 
 GB = 1e9
 
@@ -169,9 +171,20 @@ def activation_bytes(
     return s.layers * one_layer
 
 
-def logits_bytes(s: Shapes, batch_size: int, seq_len: int, dtype_bytes: int) -> int:
-    """The logits in the compute dtype, their float32 copy and the float32 gradient."""
-    return batch_size * seq_len * s.vocab * (dtype_bytes + 8)
+def logits_bytes(
+    s: Shapes, batch_size: int, seq_len: int, dtype_bytes: int, fused: bool = True
+) -> int:
+    """The logits in the compute dtype, their float32 copy and the float32 gradient.
+
+    ``fused``: the loss applies a plain output head itself (``jqlora.train.head_loss``):
+    one chunk of tokens has float32 logits at a time, and their gradient is written over
+    them (float32 compute) or beside them in the compute dtype.
+    """
+    tokens = batch_size * seq_len
+    if fused:
+        per_element = 4 + (dtype_bytes if dtype_bytes != 4 else 0)
+        return chunk_tokens(tokens, s.vocab) * s.vocab * per_element
+    return tokens * s.vocab * (dtype_bytes + 8)
 
 
 def dequantize_scratch_bytes(sizes: list[int], dtype_bytes: int) -> int:
@@ -344,7 +357,10 @@ def estimate_memory(
 
     s = Shapes.from_hf(hf)
     acts = activation_bytes(s, batch_size, seq_len, dbytes, remat)
-    logits = logits_bytes(s, batch_size, seq_len, dbytes)
+    # The fused head loss applies unless the head is quantized or carries an adapter.
+    head_quantized = "lm_head" in params and quant is not None and quant.quantizes("lm_head")
+    fused = "lm_head" not in lora and not head_quantized
+    logits = logits_bytes(s, batch_size, seq_len, dbytes, fused)
     opt = optimizer_bytes_per_param * lora_params
 
     def lora_column(name, base):

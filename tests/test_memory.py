@@ -142,6 +142,9 @@ def _llama(h, i, layers, heads, kv, vocab):
         (_llama(256, 512, 2, 8, 8, 1024), 2, 128, True),
         (_llama(128, 384, 2, 4, 2, 512), 4, 128, True),
         (_llama(256, 512, 2, 8, 8, 4096), 2, 64, False),
+        # A plain head and a large vocabulary: the loss applies the head 256 tokens at a
+        # time (full logits would be twice the estimate's logits term).
+        (_llama(128, 256, 2, 4, 2, 65536), 4, 128, False),
     ],
 )
 def test_estimate_within_15_percent_of_xla(cfg, batch, seq, quant):
@@ -177,7 +180,8 @@ def test_estimate_within_15_percent_of_xla(cfg, batch, seq, quant):
         lora_config,
         batch,
         seq,
-        quantization="nf4" if quant else None,
+        # every linear layer is quantized above, lm_head included
+        quantization=jqlora.QuantConfig("nf4", skip_modules=()) if quant else None,
         compute_dtype="float32",
         backend="xla",
     )
@@ -238,3 +242,21 @@ def test_bad_arguments():
         estimate_memory(LLAMA2_7B, None, 1, 8, quantization="int3")
     with pytest.raises(ValueError, match="backend"):
         estimate_memory(LLAMA2_7B, None, 1, 8, backend="cuda")
+
+
+def test_logits_term_follows_the_output_head():
+    """One chunk of 256 tokens has logits when the loss applies a plain head itself; all
+    tokens do when the head is quantized or carries an adapter (the full-logits path)."""
+    cfg = _llama(128, 256, 2, 4, 2, 65536)
+    full = 512 * 65536 * (2 + 8)  # bfloat16 logits, their float32 copy and gradient
+    fused = 256 * 65536 * (4 + 2)  # one chunk: float32 logits, bfloat16 gradient
+
+    def logits(**kw):
+        return estimate_memory(cfg, kw.pop("lora", None), 4, 128, **kw).qlora.device[
+            "logits + loss"
+        ]
+
+    assert logits(quantization=None) == logits() == fused
+    assert logits(quantization=jqlora.QuantConfig("nf4", skip_modules=())) == full
+    lm_head = jqlora.LoraConfig(target_modules=["q_proj", "lm_head"])
+    assert logits(quantization=None, lora=lm_head) == full
