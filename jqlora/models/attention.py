@@ -38,8 +38,7 @@ def _probs(q, k, mask, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _grouped_attention(q, k, v, mask, scale: float):
-    probs = _probs(q, k, mask, scale).astype(v.dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, v, **_F32).astype(v.dtype)
+    return _fwd(q, k, v, mask, scale)[0]
 
 
 def _fwd(q, k, v, mask, scale):
