@@ -56,10 +56,20 @@ SCRIPT = textwrap.dedent(
     # Compiled (not interpreted) kernels keep the varying-axes check on.
     from jqlora.kernels import pallas_gpu, pallas_tpu
     spec_n = dataclasses.replace(qt, codes=P("d", None), absmax=P("d"), nested_absmax=P("d"), offset=P())
-    for kernel, platform in ((pallas_gpu, "cuda"), (pallas_tpu, "tpu")):
+    # jax >= 0.11 lowers a Triton kernel only for a known GPU: with none attached, the mesh
+    # names one (an abstract H100), and the inputs are typed against that mesh.
+    from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding
+    gpu_mesh = AbstractMesh((4,), ("d",), abstract_device=AbstractDevice("NVIDIA H100", None, "gpu"))
+    typed = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(gpu_mesh, spec))
+    gpu_args = (typed(x.astype(jnp.bfloat16), P()), jax.tree.map(typed, qt, spec_n))
+    for kernel, platform, m, args in (
+        (pallas_gpu, "cuda", gpu_mesh, gpu_args),
+        (pallas_tpu, "tpu", mesh, (x.astype(jnp.bfloat16), qt)),
+    ):
         h = lambda x, w: kernel.matmul(x, w, jnp.bfloat16)
-        h = jax.shard_map(h, mesh=mesh, in_specs=(P(), spec_n), out_specs=P(None, "d"))
-        text = jax.jit(h).trace(x.astype(jnp.bfloat16), qt).lower(lowering_platforms=(platform,)).as_text()
+        h = jax.shard_map(h, mesh=m, in_specs=(P(), spec_n), out_specs=P(None, "d"))
+        with jax.sharding.use_abstract_mesh(m.abstract_mesh if platform == "tpu" else m):
+            text = jax.jit(h).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         assert "custom_call" in text, platform
     print("worst relative error", worst)
     """
