@@ -322,9 +322,11 @@ def estimate_memory(
     or model directory). ``lora_config`` defaults to ``LoraConfig()``. ``quantization``:
     ``"nf4"`` / ``"fp4"`` / a ``QuantConfig`` (default NF4, double quantization, blocksize
     64, ``lm_head`` skipped) or ``None`` (16-bit base). ``optimizer_bytes_per_param``: 8
-    for AdamW's two f32 moments. ``backend``: ``"kernel"`` (the Pallas kernels on GPU/TPU
-    read the 4-bit codes directly) or ``"xla"`` (the dequantize-then-dot path used on CPU),
-    which adds ``dequantize_scratch_bytes``.
+    for AdamW's two f32 moments. ``backend``: ``"kernel"`` (the Pallas kernels read the
+    4-bit codes directly: the TPU default; on a GPU, whose default XLA path dequantizes one
+    weight of up to 2^24 elements per matmul, it leaves that one weight out, at most 32 MiB
+    in bfloat16, if XLA's GPU scheduler does not run the dequantizations early, which has
+    not been measured) or ``"xla"`` (the CPU's path), which adds ``dequantize_scratch_bytes``.
     """
     if backend not in ("kernel", "xla"):
         raise ValueError(f"backend must be 'kernel' or 'xla', got {backend!r}")

@@ -72,7 +72,7 @@ def register(subparsers) -> None:
         "--backend",
         choices=("kernel", "xla"),
         default="kernel",
-        help="'kernel': Pallas GPU/TPU kernels; 'xla': the dequantize-then-dot path (CPU)",
+        help="'kernel': the Pallas kernels (TPU), close to a GPU's XLA path; 'xla': the CPU's path",
     )
     p.add_argument(
         "--mesh",

@@ -113,6 +113,27 @@ def test_dispatch(monkeypatch):
         resolve_backend(qt)
 
 
+@pytest.mark.parametrize(
+    "platform,auto,pallas,chunk",
+    [
+        ("cpu", "xla", "pallas_gpu", xla.CHUNK_ELEMENTS),
+        ("gpu", "xla", "pallas_gpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
+        ("tpu", "pallas_tpu", "pallas_tpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
+    ],
+)
+def test_automatic_backend_and_chunk_follow_the_platform(
+    monkeypatch, platform, auto, pallas, chunk
+):
+    """GPUs take the XLA path, whole Llama-2-7B projections per chunk (faster on an H200 than
+    the Pallas kernel, benchmarks/RESULTS.md); asking for "pallas" still gets the kernel."""
+    monkeypatch.delenv("JQLORA_QMATMUL", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    qt = weight(8, 128)
+    assert (resolve_backend(qt), resolve_backend(qt, "pallas")) == (auto, pallas)
+    assert xla.chunk_elements() == chunk
+    assert xla._chunk_rows(4096, 4096, 64) == (4096 if platform != "cpu" else 256)
+
+
 def test_mismatched_features_and_bad_shard_are_named():
     qt = weight(8, 128)
     with pytest.raises(ValueError, match="x has 64 features"):

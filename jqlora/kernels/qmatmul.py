@@ -5,8 +5,14 @@
 For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward is a
 fused dequantize-matmul and the backward ``dx = dy @ dequantize(W)`` runs through the same
 kind of kernel; the frozen weight gets no gradient. The back end is chosen here, never by
-callers: a Pallas kernel on GPU and TPU, the chunked XLA path elsewhere.
-``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one, for tests and benchmarks.
+callers: the Pallas kernel on TPU, the XLA path (dequantize a chunk, then ``dot``) on CPU
+and GPU. ``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
+
+Why not the Pallas kernel on GPU: on an H200 (benchmarks/RESULTS.md) it is correct but ran
+at 0.2x a bf16 ``dot`` for M >= 1024 rows and 0.06-0.4x for the backward product, where
+whole-weight dequantize-then-dot ran at 0.3-0.8x; and a model's step holds one Triton call
+per projection and direction (417 for SmolLM2-135M), which the GPU compiler did not get
+through in 260 s. It stays available (``backend="pallas"``) until it is tuned.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ ENV_VAR = "JQLORA_QMATMUL"
 def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
     """The back end that will run ``x @ W.T``: "xla", "pallas_gpu" or "pallas_tpu".
 
-    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic) may name one; "pallas" means
-    the Pallas kernel of the platform (the GPU kernel, interpreted, on a CPU). The kernels
-    need whole blocks within each row (``in_features % blocksize == 0``); other weights
-    always take the XLA path.
+    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic: "pallas_tpu" on TPU, "xla"
+    elsewhere) may name one; "pallas" means the Pallas kernel of the platform (the GPU
+    kernel, interpreted, on a CPU). The kernels need whole blocks within each row
+    (``in_features % blocksize == 0``); other weights always take the XLA path.
     """
     choice = backend or os.environ.get(ENV_VAR) or None
     if choice is not None and choice not in BACKENDS:
@@ -41,9 +47,7 @@ def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
         )
     platform = jax.default_backend()
     if choice is None:
-        choice = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
-            platform, "xla"
-        )
+        choice = "pallas_tpu" if platform == "tpu" else "xla"
     elif choice == "pallas":
         choice = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
     if choice != "xla" and not kernel_supports(w):
