@@ -249,6 +249,7 @@ def main(argv=None) -> None:
     p.add_argument("--backward", action="store_true", help="also time dx = dy @ W")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--m", type=int, nargs="*", default=list(MS))
+    p.add_argument("--models", default="7B,70B", help="comma-separated subset of 7B,70B")
     args = p.parse_args(argv)
     platform = jax.default_backend()
     if args.memory:
@@ -257,7 +258,8 @@ def main(argv=None) -> None:
         sys.exit(
             f"this benchmark needs a GPU (jax sees {platform!r}); --smoke runs it on tiny shapes"
         )
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    models = args.models.split(",")
+    shapes = SMOKE_SHAPES if args.smoke else tuple(s for s in SHAPES if s[0] in models)
     ms = [1, 7] if args.smoke else args.m
     reps = 2 if args.smoke else args.reps
     print(
