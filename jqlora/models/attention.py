@@ -1,7 +1,7 @@
 """Grouped-query softmax attention with a hand-written backward pass.
 
-With query heads grouped by the KV head they read (``q [b, s, kv, g, d]``) and ``P`` the
-softmax probabilities::
+With query heads grouped by the KV head they read (``q [b, kv, g, s, d]``, head-major) and
+``P`` the softmax probabilities::
 
     S  = scale * q k^T      masked to -inf-like where the mask is false, float32
     P  = softmax(S)         over the keys
@@ -31,7 +31,7 @@ _F32 = {"preferred_element_type": jnp.float32}
 
 def _probs(q, k, mask, scale):
     """``softmax(scale * q k^T)`` over keys, masked, in float32: ``[b, kv, g, s, t]``."""
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, **_F32) * scale
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, **_F32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
 
@@ -43,21 +43,21 @@ def _grouped_attention(q, k, v, mask, scale: float):
 
 def _fwd(q, k, v, mask, scale):
     probs = _probs(q, k, mask, scale).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, **_F32).astype(v.dtype)
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs, v, **_F32).astype(v.dtype)
     return out, (q, k, v, mask, probs, out)
 
 
 def _bwd(scale, residuals, d_out):
     q, k, v, mask, probs, out = residuals
     d_out = d_out.astype(v.dtype)
-    d_probs = jnp.einsum("bskgd,btkd->bkgst", d_out, v, **_F32)
-    row = jnp.einsum("bskgd,bskgd->bkgs", d_out, out, **_F32)
+    d_probs = jnp.einsum("bkgsd,bktd->bkgst", d_out, v, **_F32)
+    row = jnp.einsum("bkgsd,bkgsd->bkgs", d_out, out, **_F32)
     d_scores = probs.astype(jnp.float32) * (d_probs - row[..., None]) * scale
     # Masked scores are constants: no gradient, also in a fully masked (uniform) row.
     d_scores = jnp.where(mask[:, None, None], d_scores, 0.0).astype(q.dtype)
-    dq = jnp.einsum("bkgst,btkd->bskgd", d_scores, k, **_F32)
-    dk = jnp.einsum("bkgst,bskgd->btkd", d_scores, q, **_F32)
-    dv = jnp.einsum("bkgst,bskgd->btkd", probs, d_out, **_F32)
+    dq = jnp.einsum("bkgst,bktd->bkgsd", d_scores, k, **_F32)
+    dk = jnp.einsum("bkgst,bkgsd->bktd", d_scores, q, **_F32)
+    dv = jnp.einsum("bkgst,bkgsd->bktd", probs, d_out, **_F32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -77,5 +77,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     kv = k.shape[2]
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    out = _grouped_attention(q.reshape(b, s, kv, h // kv, d), k, v, mask, float(scale))
-    return out.reshape(b, s, h * d)
+    # Head-major inside: every product is then one batched GEMM over contiguous [s, d] or
+    # [s, t] blocks; on the token-major layout XLA's CPU back end ran them 4-5x slower.
+    q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, s, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
+    out = _grouped_attention(q, k, v, mask, float(scale))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h * d)
