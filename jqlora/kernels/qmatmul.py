@@ -9,8 +9,8 @@ callers: the Pallas kernel on TPU, the XLA path (dequantize a chunk, then ``dot`
 and GPU. ``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
 
 Why not the Pallas kernel on GPU: on an H200 (benchmarks/RESULTS.md) it is correct but ran
-at 0.2x a bf16 ``dot`` for M >= 1024 rows and 0.06-0.4x for the backward product, where
-whole-weight dequantize-then-dot ran at 0.3-0.8x; and a model's step holds one Triton call
+at 0.2x a bf16 ``dot`` for M >= 1024 rows and 0.06-0.2x for the backward product, where
+whole-weight dequantize-then-dot ran at 0.25-0.8x; and a model's step holds one Triton call
 per projection and direction (417 for SmolLM2-135M), which the GPU compiler did not get
 through in 260 s. It stays available (``backend="pallas"``) until it is tuned.
 """

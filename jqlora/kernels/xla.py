@@ -28,7 +28,7 @@ from jqlora.quant import QuantizedTensor, decode_absmax, dequantize
 CHUNK_ELEMENTS = 1 << 20
 #: The same on a GPU or TPU (64 MiB in float32): every projection of Llama-2-7B is then one
 #: dequantize and one ``dot``. Measured on an H200 (benchmarks/RESULTS.md): at M >= 1024 rows
-#: the whole-weight product ran 0.7-0.8x a bf16 ``dot``; 2^20-element chunks, 0.2-0.4x.
+#: the whole-weight product ran 0.45-0.8x a bf16 ``dot``; 2^20-element chunks, 0.1-0.45x.
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
 
 
