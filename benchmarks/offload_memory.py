@@ -59,7 +59,6 @@ def run_one(
     import jax.numpy as jnp
 
     import jqlora
-    from jqlora.lora.targets import dotted, get_in, linear_modules, set_in
     from jqlora.models import model_for_config
 
     cfg = dict(
@@ -76,13 +75,7 @@ def run_one(
     params = jax.tree.map(lambda x: x.astype(dtype), params)
     lora_config = jqlora.LoraConfig(r=64)
     lora = jqlora.init_lora(jax.random.key(1), params, lora_config)
-    quant = jqlora.QuantConfig()
-    quantize = jax.jit(jqlora.quantize)
-    for path in linear_modules(params):
-        if quant.quantizes(dotted(path)):
-            params = set_in(
-                params, path + ("weight",), quantize(get_in(params, path + ("weight",)))
-            )
+    params = jqlora.QuantConfig().quantize_params(params)
     optimizer = jqlora.make_optimizer(2e-4)
     if offload:
         optimizer = jqlora.offload(optimizer)

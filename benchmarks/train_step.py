@@ -209,7 +209,7 @@ def run_torch(
     directory: str, batches: np.ndarray, steps: int, warmup: int, quantized: bool, dtype: str
 ) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
@@ -232,16 +232,7 @@ def run_torch(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.05,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, peft_lora_config())
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0
     )
@@ -268,6 +259,15 @@ def run_torch(
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return summary(times, cpu, warmup, loss, eval_before, eval_loss())
+
+
+def peft_lora_config():
+    """The recipe's adapters in PEFT: r=16, alpha=32, dropout 0.05, every linear layer but lm_head."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def summary(times, cpu, warmup, loss, eval_before, eval_after) -> dict:

@@ -119,7 +119,6 @@ def run_jqlora(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dic
     import jax.numpy as jnp
 
     import jqlora
-    from jqlora.lora.targets import dotted, get_in, linear_modules, set_in
     from jqlora.models import model_for_config
 
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
@@ -127,11 +126,7 @@ def run_jqlora(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dic
     model = model_for_config(cfg, jnp.bfloat16)
     init = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init()["params"])
-    quant, quantize = jqlora.QuantConfig("nf4", double_quant=True), jax.jit(jqlora.quantize)
-    for path in linear_modules(params):
-        if quant.quantizes(dotted(path)):
-            w = get_in(params, path + ("weight",))
-            params = set_in(params, path + ("weight",), quantize(w))
+    params = jqlora.QuantConfig("nf4", double_quant=True).quantize_params(params)
     lora = jqlora.init_lora(
         jax.random.key(1), params, jqlora.LoraConfig(r=16, alpha=32, dropout=0.05)
     )
@@ -160,7 +155,8 @@ def run_jqlora(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dic
 
 def run_peft(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+    from train_step import peft_lora_config  # the CPU benchmark beside this file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = hf_config(shape, seq)
@@ -170,16 +166,7 @@ def run_peft(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     with torch.device(dev):
         model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
     model = model.to(torch.bfloat16)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.05,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, peft_lora_config())
     for p in model.parameters():  # adapters in float32, as prepare_model_for_kbit_training does
         if p.requires_grad:
             p.data = p.data.float()

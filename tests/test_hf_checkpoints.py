@@ -102,17 +102,23 @@ def test_transformers_saved_4bit_checkpoint_loads_with_identical_bytes(llama_dir
         atol=1e-4,
         rtol=0,
     )
-    # and jqlora quantizing the float checkpoint produces the very same bytes
+    # and jqlora quantizing the float checkpoint produces the very same bytes, as it reads
+    # it and on float params in memory (QuantConfig.quantize_params)
     _, ours = jqlora.load_hf(path, jqlora.QuantConfig())
-    for name, leaf in flatten(params).items():
-        if isinstance(leaf, QuantizedTensor):
-            mine = flatten(ours)[name]
-            for part in ("codes", "absmax", "nested_absmax", "offset"):
-                np.testing.assert_array_equal(
-                    np.asarray(getattr(mine, part)),
-                    np.asarray(getattr(leaf, part)),
-                    err_msg=f"{name}.{part}",
-                )
+    _, float_params = jqlora.load_hf(path)
+    in_memory = jqlora.QuantConfig().quantize_params(float_params)
+    for mine_tree in (ours, in_memory):
+        assert flatten(mine_tree).keys() == flatten(params).keys()
+        for name, leaf in flatten(params).items():
+            mine = flatten(mine_tree)[name]
+            assert isinstance(mine, QuantizedTensor) == isinstance(leaf, QuantizedTensor), name
+            if isinstance(leaf, QuantizedTensor):
+                for part in ("codes", "absmax", "nested_absmax", "offset"):
+                    np.testing.assert_array_equal(
+                        np.asarray(getattr(mine, part)),
+                        np.asarray(getattr(leaf, part)),
+                        err_msg=f"{name}.{part}",
+                    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -106,7 +106,6 @@ def test_qmatmul_on_gpu_and_its_gradient(backend):
 def test_qlora_gradients_on_gpu_match_the_xla_path(monkeypatch):
     """Loss and LoRA gradients of a QLoRA model: the GPU kernel against the XLA back end."""
     import jqlora
-    from jqlora.lora.targets import dotted, get_in, linear_modules, set_in
     from jqlora.models import model_for_config
     from jqlora.train.step import configure_model
 
@@ -124,11 +123,7 @@ def test_qlora_gradients_on_gpu_match_the_xla_path(monkeypatch):
     )
     model = model_for_config(cfg, jnp.bfloat16)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    quant = jqlora.QuantConfig()
-    for path in linear_modules(params):
-        if quant.quantizes(dotted(path)):
-            w = get_in(params, path + ("weight",))
-            params = set_in(params, path + ("weight",), jqlora.quantize(w))
+    params = jqlora.QuantConfig().quantize_params(params)
     lora = jqlora.init_lora(jax.random.key(1), params, jqlora.LoraConfig(r=8, dropout=0.0))
     # B = 0 at init would hide the adapters' path: give B values.
     lora = jax.tree.map(lambda a: a + 0.01 * jnp.ones_like(a), lora)

@@ -52,6 +52,29 @@ class QuantConfig:
             for p in self.skip_modules
         )
 
+    def quantize_params(self, params: dict) -> dict:
+        """``params`` with the weight of every linear layer this config selects quantized.
+
+        For a model built or initialised in memory (``load_hf`` quantizes as it reads a
+        checkpoint). Each weight becomes ``quantize(w, quant_type, blocksize, double_quant)``;
+        the other leaves are returned as they are.
+        """
+        import jax
+
+        from jqlora.lora.targets import dotted, get_in, linear_modules, set_in
+        from jqlora.quant import quantize
+
+        q = jax.jit(quantize, static_argnums=(1, 2, 3))
+        for path in linear_modules(params):
+            if self.quantizes(dotted(path)):
+                w = get_in(params, path + ("weight",))
+                params = set_in(
+                    params,
+                    path + ("weight",),
+                    q(w, self.quant_type, self.blocksize, self.double_quant),
+                )
+        return params
+
     def to_hf(self, compute_dtype: str = "float32") -> dict:
         """The ``quantization_config`` entry of config.json that transformers reads."""
         return {
