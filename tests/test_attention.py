@@ -62,3 +62,46 @@ def test_bfloat16_stays_close_to_float32_torch():
         np.testing.assert_allclose(
             np.asarray(got, np.float32), want, atol=3e-2 * np.abs(want).max()
         )
+
+
+@pytest.mark.parametrize("s", [7, 65, 200, 256])
+def test_causal_blocks_equal_torch(s):
+    """``causal=True`` (queries in blocks, each against the keys up to its end) gives the
+    full product's output and gradients, padding included, for sizes that split evenly or not.
+
+    A query that sees no key at all (left padding) averages the keys of its block instead of
+    all keys; its output reaches no real token, and in training its cotangent is zero, so it
+    is left out of the comparison and given a zero cotangent here.
+    """
+    q, k, v, mask, d_out = _inputs(s=s, seed=s)
+    sees_a_key = mask.any(-1)  # [b, s]
+    d_out = d_out * sees_a_key[..., None]
+    out, vjp = jax.vjp(
+        lambda q, k, v: attention(q, k, v, jnp.asarray(mask), 0.3, causal=True), q, k, v
+    )
+    grads = vjp(jnp.asarray(d_out))
+    ref_out, *ref_grads = _torch_reference(q, k, v, mask, d_out, 0.3)
+    np.testing.assert_allclose(
+        np.asarray(out)[sees_a_key], ref_out[sees_a_key], rtol=1e-5, atol=1e-5
+    )
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_query_blocks_cover_the_causal_triangle():
+    from jqlora.models.attention import MIN_QUERY_BLOCK, query_blocks
+
+    assert query_blocks(256, 256, causal=False) == [(0, 256, 256)]
+    assert query_blocks(256, 300, causal=True) == [(0, 256, 300)]  # keys from a cache
+    assert query_blocks(MIN_QUERY_BLOCK, MIN_QUERY_BLOCK, causal=True) == [(0, 64, 64)]
+    assert query_blocks(256, 256, causal=True) == [
+        (0, 64, 64),
+        (64, 128, 128),
+        (128, 192, 192),
+        (192, 256, 256),
+    ]
+    for s in (65, 200, 1000, 4096):
+        blocks = query_blocks(s, s, causal=True)
+        assert blocks[0][0] == 0 and blocks[-1][1] == s and len(blocks) <= 8
+        assert all(b[1] == c[0] for b, c in zip(blocks, blocks[1:], strict=False))
+        assert all(end == q1 for _, q1, end in blocks)  # each block sees keys up to its end

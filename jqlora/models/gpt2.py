@@ -101,7 +101,8 @@ class GPT2Attention(nn.Module):
         scale = common.head_scale(c.head_dim) if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1
-        out = common.attention(q, k, v, mask, scale)
+        # Without a cache the mask is causal over this call's tokens (common.attention_mask).
+        out = common.attention(q, k, v, mask, scale, causal=cache_index is None)
         return Linear(c.n_embd, True, self.dtype, name="c_proj")(out), cache_kv
 
 

@@ -95,7 +95,7 @@ class LlamaAttention(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, mask, rope_freq, cache_kv=None, cache_index=None):
+    def __call__(self, x, mask, rope, cache_kv=None, cache_index=None):
         c = self.config
         b, s, _ = x.shape
         q = Linear(c.num_attention_heads * c.head_dim, c.qkv_bias, self.dtype, name="q_proj")(x)
@@ -104,12 +104,13 @@ class LlamaAttention(nn.Module):
         q = q.reshape(b, s, c.num_attention_heads, c.head_dim)
         k = k.reshape(b, s, c.num_key_value_heads, c.head_dim)
         v = v.reshape(b, s, c.num_key_value_heads, c.head_dim)
-        inv_freq, scale = rope_freq
-        q = common.apply_rope(q, positions, inv_freq, scale)
-        k = common.apply_rope(k, positions, inv_freq, scale)
+        q = common.apply_rope(q, *rope)
+        k = common.apply_rope(k, *rope)
         if cache_kv is not None:
             k, v = cache_kv = common.write_cache(*cache_kv, k, v, cache_index)
-        out = common.attention(q, k, v, mask, common.head_scale(c.head_dim))
+        # Without a cache the mask is causal over this call's tokens (common.attention_mask).
+        causal = cache_index is None
+        out = common.attention(q, k, v, mask, common.head_scale(c.head_dim), causal=causal)
         return Linear(c.hidden_size, c.o_bias, self.dtype, name="o_proj")(out), cache_kv
 
 
@@ -133,12 +134,12 @@ class LlamaDecoderLayer(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, h, cache_kv, cache_index, positions, masks, rope_freq):
+    def __call__(self, h, cache_kv, cache_index, masks, rope):
         c = self.config
         mask = masks[c.sliding_windows[self.layer]]
         attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         attn_out, cache_kv = LlamaAttention(c, self.layer, self.dtype, name="self_attn")(
-            attn_in, positions, mask, rope_freq, cache_kv, cache_index
+            attn_in, mask, rope, cache_kv, cache_index
         )
         h = h + attn_out
         mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
@@ -161,22 +162,21 @@ class LlamaModel(nn.Module):
             masks[window], valid = common.attention_mask(b, s, attention_mask, cache, window)
         rope_params = c.rope_params
         if rope_params["rope_type"] == "dynamic":
-            rope_freq = (
-                rope.dynamic_inv_freq(
-                    rope_params, c.head_dim, c.max_position_embeddings, positions
-                ),
-                1.0,
+            inv_freq = rope.dynamic_inv_freq(
+                rope_params, c.head_dim, c.max_position_embeddings, positions
             )
+            scale = 1.0
         else:
             inv_freq, scale = rope.static_inv_freq(
                 rope_params, c.head_dim, c.max_position_embeddings
             )
-            rope_freq = (jnp.asarray(inv_freq), scale)
+        # Once per call, shared by every layer (see common.rope_tables).
+        rope_cos_sin = common.rope_tables(positions, jnp.asarray(inv_freq), scale)
         embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")
         layers = common.LayerList(
             LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers"
         )
-        h, new_kv = layers(embed(ids), cache, positions, masks, rope_freq)
+        h, new_kv = layers(embed(ids), cache, masks, rope_cos_sin)
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
         return h, common.next_cache(cache, new_kv, valid, s)
 

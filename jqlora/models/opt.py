@@ -84,7 +84,9 @@ class OPTAttention(nn.Module):
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         if cache_kv is not None:
             k, v = cache_kv = common.write_cache(*cache_kv, k, v, cache_index)
-        return proj("out_proj")(common.attention(q, k, v, mask, 1.0)), cache_kv
+        # Without a cache the mask is causal over this call's tokens (common.attention_mask).
+        out = common.attention(q, k, v, mask, 1.0, causal=cache_index is None)
+        return proj("out_proj")(out), cache_kv
 
 
 class OPTDecoderLayer(nn.Module):
