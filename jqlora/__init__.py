@@ -1,6 +1,11 @@
 """jqlora: QLoRA fine-tuning in pure JAX."""
 
-from jqlora.quant import QuantizedTensor, dequantize, quantize
+from jqlora import xla_flags
+
+# Before anything here starts JAX's CPU back end: the flag is read when it starts.
+xla_flags.configure()
+
+from jqlora.quant import QuantizedTensor, dequantize, quantize  # noqa: E402
 
 __all__ = ["QuantizedTensor", "dequantize", "quantize"]
 __version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""The CPU XLA flag set at ``import jqlora`` (jqlora/xla_flags.py): added, kept out, in effect."""
+
+import json
+import os
+import subprocess
+import sys
+
+from jqlora import xla_flags
+
+FLAG = xla_flags.CPU_FLAGS[0]
+
+
+def test_appended_to_existing_flags():
+    assert xla_flags.cpu_flags("", None) == FLAG
+    assert xla_flags.cpu_flags("--xla_force_host_platform_device_count=4", None) == (
+        f"--xla_force_host_platform_device_count=4 {FLAG}"
+    )
+
+
+def test_a_users_own_setting_and_the_opt_out_win():
+    mine = "--xla_cpu_experimental_ynn_fusion_type="
+    assert xla_flags.cpu_flags(mine, None) == mine
+    assert xla_flags.cpu_flags("--xla_dump_to=/tmp/x", "0") == "--xla_dump_to=/tmp/x"
+
+
+# A bfloat16 exp-multiply chain: YNNPACK takes it only with the flag.
+_PROBE = """
+import json, os, jax, jax.numpy as jnp, jqlora
+f = jax.jit(lambda x: (jnp.exp(x) * 2).astype(jnp.bfloat16))
+hlo = f.lower(jnp.ones((64, 64))).compile().as_text()
+print(json.dumps([os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo]))
+"""
+
+
+def _probe(**env) -> tuple[str, bool]:
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        env=dict(base, JAX_PLATFORMS="cpu", **env),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()[-1]
+    flags, ynn = json.loads(out)
+    return flags, ynn
+
+
+def test_import_jqlora_puts_elementwise_fusions_on_ynnpack():
+    flags, ynn = _probe()
+    assert flags == FLAG and ynn
+
+
+def test_opt_out_keeps_xla_defaults():
+    flags, ynn = _probe(**{xla_flags.OPT_OUT: "0"})
+    assert flags == "" and not ynn
+
+
+def test_too_late_once_the_backend_started():
+    # Started before jqlora's import: the process keeps its flags, configure says so.
+    code = (
+        "import jax.numpy as jnp; jnp.ones(1).block_until_ready(); import os;"
+        "from jqlora import xla_flags; os.environ.pop('XLA_FLAGS', None);"
+        "print(xla_flags.configure(), os.environ['XLA_FLAGS'])"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(base, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[-2:] == ["False", FLAG]  # set for child processes, not in effect here
