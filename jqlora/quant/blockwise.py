@@ -138,13 +138,6 @@ def _quantize_4bit(flat: jax.Array, quant_type: str, blocksize: int) -> tuple[ja
     return cat(packed), cat(absmax)
 
 
-def unpack(codes: jax.Array, n: int) -> jax.Array:
-    """The ``n`` 4-bit codes (uint8 values 0..15) held in the packed bytes ``codes``."""
-    flat = codes.reshape(-1)
-    both = jnp.stack([flat >> 4, flat & 0xF], axis=-1).reshape(-1)
-    return both[:n]
-
-
 def quantize_8bit(x: jax.Array, blocksize: int = NESTED_BLOCKSIZE) -> tuple[jax.Array, jax.Array]:
     """8-bit blockwise quantization over the signed dynamic map: ``(codes uint8, absmax f32)``.
 
