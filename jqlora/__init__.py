@@ -2,7 +2,7 @@
 
 from jqlora import xla_flags
 
-# Before anything here starts JAX's CPU back end: the flag is read when it starts.
+# Before anything here starts JAX's CPU back end (opt-in: JQLORA_XLA_FLAGS=1).
 xla_flags.configure()
 
 from jqlora.quant import QuantizedTensor, dequantize, quantize  # noqa: E402

@@ -1,4 +1,5 @@
-"""The XLA flag jqlora adds for JAX's CPU back end, set at ``import jqlora``.
+"""An XLA flag for JAX's CPU back end that jqlora adds at ``import jqlora`` when asked
+(``JQLORA_XLA_FLAGS=1``).
 
 ``--xla_cpu_experimental_ynn_fusion_type=+eltwise`` lets XLA hand chains of elementwise
 operations (dtype converts, the gated activation, the softmax passes of the head loss) to
@@ -12,11 +13,15 @@ which XLA allows by default (``xla_allow_excess_precision``). Measured on SmolLM
 bfloat16, the logits and LoRA gradients came out closer to a float32 run than without the
 flag (mean logit error 0.08 vs 0.18).
 
-The flag is read when JAX starts its CPU back end (the first computation), so it is added
-to ``XLA_FLAGS`` at import unless
+Why it is opt-in: the flag is experimental in XLA, and XLA failed to run one of jqlora's
+programs with it (the test suite's data-parallel mesh run: "Instruction with unsupported
+layout in YNN fusion"); it also grows XLA's temporary buffers (SmolLM2 step: 1.82 to 2.14
+GB). A default must not crash a program that runs without it.
+
+The flag is read when JAX starts its CPU back end (the first computation), so with
+``JQLORA_XLA_FLAGS=1`` it is added to ``XLA_FLAGS`` at import unless
 
 * ``XLA_FLAGS`` already names ``xla_cpu_experimental_ynn_fusion_type`` (yours wins), or
-* ``JQLORA_XLA_FLAGS=0`` is set in the environment (opt out), or
 * the back end has already started, in which case the process keeps what it has (child
   processes inherit the variable).
 
@@ -30,8 +35,8 @@ import os
 #: The flag's name and the value jqlora sets.
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = (f"{YNN_FUSION_FLAG}=+eltwise",)
-#: Set to ``0`` to keep XLA's defaults.
-OPT_OUT = "JQLORA_XLA_FLAGS"
+#: Set to ``1`` to add `CPU_FLAGS`.
+OPT_IN = "JQLORA_XLA_FLAGS"
 
 
 def _backend_started() -> bool:
@@ -43,18 +48,18 @@ def _backend_started() -> bool:
     return bool(started()) if started is not None else False
 
 
-def cpu_flags(current: str, env_opt_out: str | None) -> str:
+def cpu_flags(current: str, env_opt_in: str | None) -> str:
     """``current`` XLA_FLAGS with `CPU_FLAGS` appended, or unchanged (module doc's rules)."""
-    if env_opt_out == "0" or YNN_FUSION_FLAG.lstrip("-") in current:
+    if env_opt_in != "1" or YNN_FUSION_FLAG.lstrip("-") in current:
         return current
     return " ".join([*current.split(), *CPU_FLAGS])
 
 
 def configure() -> bool:
-    """Add `CPU_FLAGS` to ``XLA_FLAGS`` (module doc). True when they take effect in this
-    process: added now, before JAX's back end started."""
+    """Add `CPU_FLAGS` to ``XLA_FLAGS`` if asked (module doc). True when they take effect
+    in this process: added now, before JAX's back end started."""
     current = os.environ.get("XLA_FLAGS", "")
-    flags = cpu_flags(current, os.environ.get(OPT_OUT))
+    flags = cpu_flags(current, os.environ.get(OPT_IN))
     if flags == current:
         return False
     os.environ["XLA_FLAGS"] = flags

@@ -1,4 +1,5 @@
-"""The CPU XLA flag set at ``import jqlora`` (jqlora/xla_flags.py): added, kept out, in effect."""
+"""The opt-in CPU XLA flag set at ``import jqlora`` (jqlora/xla_flags.py): off by default,
+added and in effect when asked, a user's own setting kept."""
 
 import json
 import os
@@ -10,17 +11,18 @@ from jqlora import xla_flags
 FLAG = xla_flags.CPU_FLAGS[0]
 
 
-def test_appended_to_existing_flags():
-    assert xla_flags.cpu_flags("", None) == FLAG
-    assert xla_flags.cpu_flags("--xla_force_host_platform_device_count=4", None) == (
+def test_appended_to_existing_flags_when_asked():
+    assert xla_flags.cpu_flags("", "1") == FLAG
+    assert xla_flags.cpu_flags("--xla_force_host_platform_device_count=4", "1") == (
         f"--xla_force_host_platform_device_count=4 {FLAG}"
     )
 
 
-def test_a_users_own_setting_and_the_opt_out_win():
+def test_off_unless_asked_and_a_users_own_setting_wins():
+    assert xla_flags.cpu_flags("--xla_dump_to=/tmp/x", None) == "--xla_dump_to=/tmp/x"
+    assert xla_flags.cpu_flags("", "0") == ""
     mine = "--xla_cpu_experimental_ynn_fusion_type="
-    assert xla_flags.cpu_flags(mine, None) == mine
-    assert xla_flags.cpu_flags("--xla_dump_to=/tmp/x", "0") == "--xla_dump_to=/tmp/x"
+    assert xla_flags.cpu_flags(mine, "1") == mine
 
 
 # A bfloat16 exp-multiply chain: YNNPACK takes it only with the flag.
@@ -33,7 +35,7 @@ print(json.dumps([os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo]))
 
 
 def _probe(**env) -> tuple[str, bool]:
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_IN)}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE],
         env=dict(base, JAX_PLATFORMS="cpu", **env),
@@ -45,13 +47,13 @@ def _probe(**env) -> tuple[str, bool]:
     return flags, ynn
 
 
-def test_import_jqlora_puts_elementwise_fusions_on_ynnpack():
-    flags, ynn = _probe()
+def test_asked_import_jqlora_puts_elementwise_fusions_on_ynnpack():
+    flags, ynn = _probe(**{xla_flags.OPT_IN: "1"})
     assert flags == FLAG and ynn
 
 
-def test_opt_out_keeps_xla_defaults():
-    flags, ynn = _probe(**{xla_flags.OPT_OUT: "0"})
+def test_by_default_xla_keeps_its_defaults():
+    flags, ynn = _probe()
     assert flags == "" and not ynn
 
 
@@ -62,10 +64,10 @@ def test_too_late_once_the_backend_started():
         "from jqlora import xla_flags; os.environ.pop('XLA_FLAGS', None);"
         "print(xla_flags.configure(), os.environ['XLA_FLAGS'])"
     )
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_IN)}
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env=dict(base, JAX_PLATFORMS="cpu"),
+        env=dict(base, JAX_PLATFORMS="cpu", **{xla_flags.OPT_IN: "1"}),
         capture_output=True,
         text=True,
         check=True,

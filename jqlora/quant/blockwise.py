@@ -138,6 +138,13 @@ def _quantize_4bit(flat: jax.Array, quant_type: str, blocksize: int) -> tuple[ja
     return cat(packed), cat(absmax)
 
 
+def unpack(codes: jax.Array, n: int) -> jax.Array:
+    """The ``n`` 4-bit codes (uint8 values 0..15) held in the packed bytes ``codes``."""
+    flat = codes.reshape(-1)
+    both = jnp.stack([flat >> 4, flat & 0xF], axis=-1).reshape(-1)
+    return both[:n]
+
+
 def quantize_8bit(x: jax.Array, blocksize: int = NESTED_BLOCKSIZE) -> tuple[jax.Array, jax.Array]:
     """8-bit blockwise quantization over the signed dynamic map: ``(codes uint8, absmax f32)``.
 
@@ -256,20 +263,11 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
     return _dequantize(qt, jnp.dtype(qt.dtype if dtype is None else dtype))
 
 
-def byte_pairs(book: np.ndarray) -> np.ndarray:
-    """``[256, 2]``: the two code-book values a packed byte holds (high nibble first)."""
-    return np.stack([np.repeat(book, 16), np.tile(book, 16)], axis=1)
-
-
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _dequantize(qt: QuantizedTensor, dtype) -> jax.Array:
     n = qt.size
     absmax = decode_absmax(qt).reshape(-1)
     n_blocks = absmax.shape[0]
-    # One lookup per byte in a 256-entry table of value pairs: half the lookups of one per
-    # code, and no nibble unpacking. On a CPU this halved the dequantize (the lookup is the
-    # one step XLA's CPU back end cannot vectorize).
-    pairs = jnp.asarray(byte_pairs(codebook(qt.quant_type)))
-    values = pairs[qt.codes.reshape(-1).astype(jnp.int32)].reshape(-1)[:n]
+    values = jnp.asarray(codebook(qt.quant_type))[unpack(qt.codes, n).astype(jnp.int32)]
     values = jnp.pad(values, (0, n_blocks * qt.blocksize - n)).reshape(n_blocks, qt.blocksize)
     return (values * absmax[:, None]).reshape(-1)[:n].reshape(qt.shape).astype(dtype)
