@@ -5,8 +5,9 @@
 operations (dtype converts, the gated activation, the softmax passes of the head loss) to
 YNNPACK, the library XLA already uses for CPU matmuls, instead of its own loop fusions.
 YNNPACK runs them on every core; XLA's loop fusions of this size mostly run on one. On a
-2-core CPU it made the SmolLM2 QLoRA train step about 13-15 % faster (benchmarks/RESULTS.md),
-although on one core it is slower: the gain is the second core.
+2-core CPU it made the SmolLM2 QLoRA train step about 9 % faster (alternated runs, 14 % in
+the best pair; benchmarks/RESULTS.md), although on one core it is slower: the gain is the
+second core.
 
 Numerics: inside such a fusion intermediate values stay in float32 between operations,
 which XLA allows by default (``xla_allow_excess_precision``). Measured on SmolLM2 in
