@@ -34,16 +34,20 @@ print(json.dumps([os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo]))
 """
 
 
-def _probe(**env) -> tuple[str, bool]:
+def _run(code: str, **env) -> str:
+    """stdout of ``code`` in a fresh CPU process without our flags' variables, plus ``env``."""
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_IN)}
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
+    return subprocess.run(
+        [sys.executable, "-c", code],
         env=dict(base, JAX_PLATFORMS="cpu", **env),
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.splitlines()[-1]
-    flags, ynn = json.loads(out)
+    ).stdout
+
+
+def _probe(**env) -> tuple[str, bool]:
+    flags, ynn = json.loads(_run(_PROBE, **env).splitlines()[-1])
     return flags, ynn
 
 
@@ -64,12 +68,5 @@ def test_too_late_once_the_backend_started():
         "from jqlora import xla_flags; os.environ.pop('XLA_FLAGS', None);"
         "print(xla_flags.configure(), os.environ['XLA_FLAGS'])"
     )
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_IN)}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=dict(base, JAX_PLATFORMS="cpu", **{xla_flags.OPT_IN: "1"}),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    out = _run(code, **{xla_flags.OPT_IN: "1"}).split()
     assert out[-2:] == ["False", FLAG]  # set for child processes, not in effect here
