@@ -1,9 +1,11 @@
 """jqlora: QLoRA fine-tuning in pure JAX."""
 
-from jqlora import xla_flags
+from jqlora import host_malloc, xla_flags
 
-# Before anything here starts JAX's CPU back end (opt-in: JQLORA_XLA_FLAGS=1).
+# Before anything here starts JAX's CPU back end: the opt-in XLA flag (JQLORA_XLA_FLAGS=1),
+# and a C heap that keeps freed memory (opt out: JQLORA_HOST_MALLOC=system).
 xla_flags.configure()
+host_malloc.configure()
 
 from jqlora.quant import QuantizedTensor, dequantize, quantize  # noqa: E402
 

@@ -40,7 +40,7 @@ CPU_FLAGS = (f"{YNN_FUSION_FLAG}=+eltwise",)
 OPT_IN = "JQLORA_XLA_FLAGS"
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
     try:
         from jax._src import xla_bridge
     except ImportError:  # a jax without this module: assume it has not started
@@ -64,4 +64,4 @@ def configure() -> bool:
     if flags == current:
         return False
     os.environ["XLA_FLAGS"] = flags
-    return not _backend_started()
+    return not backend_started()

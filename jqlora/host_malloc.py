@@ -1,0 +1,66 @@
+"""The C heap keeps the memory it frees, so XLA's per-step buffers are not paged in anew.
+
+XLA's CPU runtime allocates each run of a compiled program's temporary buffer with
+``malloc`` and frees it when the run ends: about 1.9 GB for a SmolLM2 QLoRA train step at
+batch 4 x 256. glibc serves requests above 32 MiB with ``mmap`` and gives them back with
+``munmap``, so at every step the kernel maps that buffer again and zeroes it page by page:
+477,000 page faults per step measured on a 2-core CPU, 14-19 % of the step's wall time.
+
+`configure` (run at ``import jqlora``) asks glibc, through ``mallopt``, to
+
+* serve every thread from the one main heap (``M_ARENA_MAX = 1``: a thread's own arena
+  would still ``mmap`` what does not fit its 64 MiB heap),
+* grow that heap instead of mapping large blocks (``M_MMAP_MAX = 0``), and
+* never hand freed memory back to the kernel (``M_TRIM_THRESHOLD = -1``),
+
+so from the second step on the buffer is memory the process already holds: no page
+faults, and the same result. What it costs: memory freed after the process's peak stays
+with the process until it exits (peak RSS itself did not grow: 3.33 against 3.53 GiB for
+the SmolLM2 step), and every thread takes the one heap's lock for its allocations.
+
+The settings must precede the threads that JAX's back end starts (a thread keeps the
+arena it first allocated from), so after the back end has started `configure` changes
+nothing and says so. Set ``JQLORA_HOST_MALLOC=system`` to leave glibc's defaults alone.
+On a C library other than glibc (macOS, musl) there is nothing to set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+#: Set to ``system`` to keep the C library's own malloc settings.
+OPT_OUT = "JQLORA_HOST_MALLOC"
+
+# glibc's <malloc.h> parameter numbers.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+
+
+def _glibc():
+    """glibc's ``mallopt``, or None on another C library."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # present in glibc only  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc.mallopt
+
+
+def configure() -> bool:
+    """Apply `SETTINGS` unless opted out (module doc). True when they take effect: set now,
+    before JAX's back end started."""
+    if os.environ.get(OPT_OUT, "").lower() == "system":
+        return False
+    mallopt = _glibc()
+    if mallopt is None:
+        return False
+    from jqlora.xla_flags import backend_started
+
+    if backend_started():
+        return False
+    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
