@@ -104,6 +104,10 @@ def token_batches(n_batches: int, vocab: int) -> np.ndarray:
     return ids.reshape(n_batches, BATCH, SEQ)
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -142,15 +146,16 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dty
     )
     held = {"input_ids": jnp.asarray(batches[-1])}
     eval_before = float(eval_fn(state.lora, params, held))
-    times, cpu, key = [], [], jax.random.key(1)
+    times, cpu, faults, key = [], [], [], jax.random.key(1)
     for i in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), minor_faults()
         state, m = step(
             state, params, {"input_ids": jnp.asarray(batches[i])}, rng=jax.random.fold_in(key, i)
         )
         loss = float(m["loss"])
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        faults.append(minor_faults() - f0)
     eval_after = float(eval_fn(state.lora, params, held))
     c = model.config
     n_matmul = sum(_size(_get(params, p)["weight"]) for p in linear_modules(params))
@@ -161,7 +166,7 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dty
         4 * n_matmul * tokens
         + 8 * c.num_hidden_layers * BATCH * SEQ * SEQ * c.num_attention_heads * c.head_dim
     )
-    out = summary(times, cpu, warmup, loss, eval_before, eval_after)
+    out = summary(times, cpu, faults, warmup, loss, eval_before, eval_after)
     out.update(
         model_flops_per_step=flops,
         dot_flops_per_s=dot_rate,
@@ -246,10 +251,10 @@ def run_torch(
         return out
 
     eval_before = eval_loss()
-    times, cpu = [], []
+    times, cpu, faults = [], [], []
     for i in range(steps):
         ids = torch.tensor(batches[i], dtype=torch.long)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), minor_faults()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
@@ -258,7 +263,8 @@ def run_torch(
         loss = float(loss)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return summary(times, cpu, warmup, loss, eval_before, eval_loss())
+        faults.append(minor_faults() - f0)
+    return summary(times, cpu, faults, warmup, loss, eval_before, eval_loss())
 
 
 def peft_lora_config():
@@ -270,9 +276,10 @@ def peft_lora_config():
     )
 
 
-def summary(times, cpu, warmup, loss, eval_before, eval_after) -> dict:
+def summary(times, cpu, faults, warmup, loss, eval_before, eval_after) -> dict:
     """Wall-clock figures, and CPU-time ones: on a machine shared with other jobs the wall
-    clock measures the neighbours too, while the process's CPU seconds per step do not."""
+    clock measures the neighbours too, while the process's CPU seconds per step do not.
+    ``faults``: minor page faults per step (memory the kernel maps and zeroes anew)."""
     median = statistics.median(times[warmup:] or times)
     median_cpu = statistics.median(cpu[warmup:] or cpu)
     return dict(
@@ -280,6 +287,7 @@ def summary(times, cpu, warmup, loss, eval_before, eval_after) -> dict:
         tokens_per_s=BATCH * SEQ / median,
         median_step_cpu_s=median_cpu,
         tokens_per_cpu_s=BATCH * SEQ / median_cpu,
+        page_faults_per_step=statistics.median(faults[warmup:] or faults),
         peak_rss_bytes=peak_rss(),
         loss_last_step=loss,
         eval_loss_before=eval_before,
@@ -357,9 +365,9 @@ def main():
 def print_table(rows):
     print(
         "\n| config | compute | implementation | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
-        "vs PEFT+bnb | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot (/ bf16 dot) |"
+        "vs PEFT+bnb | page faults / step | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot (/ bf16 dot) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(
             (
@@ -383,6 +391,7 @@ def print_table(rows):
         print(
             f"| {r['config']} | {r['dtype']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
             f"{r['median_step_cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
+            f"{r.get('page_faults_per_step', float('nan')):.0f} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "
             f"{r['loss_last_step']:.3f} | {frac} |"
         )
