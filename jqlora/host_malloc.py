@@ -14,9 +14,15 @@ batch 4 x 256. glibc serves requests above 32 MiB with ``mmap`` and gives them b
 * never hand freed memory back to the kernel (``M_TRIM_THRESHOLD = -1``),
 
 so from the second step on the buffer is memory the process already holds: no page
-faults, and the same result. What it costs: memory freed after the process's peak stays
-with the process until it exits (peak RSS itself did not grow: 3.33 against 3.53 GiB for
-the SmolLM2 step), and every thread takes the one heap's lock for its allocations.
+faults, and the same result. What it costs:
+
+* every thread takes the one heap's lock for its allocations, and XLA's compiler, which
+  allocates much from several threads, compiles ~25 % slower (the tiny config's train
+  step: 11-12 s against 9-10 s). A training run compiles a few programs and runs each for
+  many steps; a session of many short compiles may be better off opting out (the test
+  suite does);
+* memory freed after the process's peak stays with the process until it exits (peak RSS
+  itself did not grow: 3.33 against 3.53 GiB for the SmolLM2 step).
 
 The settings must precede the threads that JAX's back end starts (a thread keeps the
 arena it first allocated from), so after the back end has started `configure` changes
