@@ -3,11 +3,9 @@ program's temporary buffer is no longer paged in anew at every run, the program'
 is the same, and ``JQLORA_HOST_MALLOC=system`` keeps glibc's defaults."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from fresh_process import run_python
 
 from jqlora import host_malloc
 
@@ -35,14 +33,7 @@ PAGES = 64 * 2**20 // 4096  # the temporary's 4 KiB pages
 
 
 def _probe(**env) -> tuple[int, float, bool]:
-    base = {k: v for k, v in os.environ.items() if k != host_malloc.OPT_OUT}
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env=dict(base, JAX_PLATFORMS="cpu", **env),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_python(_PROBE, unset=(host_malloc.OPT_OUT,), **env)
     faults, value, late = json.loads(out.splitlines()[-1])
     return faults, value, late
 

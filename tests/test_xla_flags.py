@@ -2,9 +2,8 @@
 added and in effect when asked, a user's own setting kept."""
 
 import json
-import os
-import subprocess
-import sys
+
+from fresh_process import run_python
 
 from jqlora import xla_flags
 
@@ -36,14 +35,7 @@ print(json.dumps([os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo]))
 
 def _run(code: str, **env) -> str:
     """stdout of ``code`` in a fresh CPU process without our flags' variables, plus ``env``."""
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_IN)}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env=dict(base, JAX_PLATFORMS="cpu", **env),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    return run_python(code, unset=("XLA_FLAGS", xla_flags.OPT_IN), **env)
 
 
 def _probe(**env) -> tuple[str, bool]:
