@@ -165,6 +165,52 @@ def test_guarded_step_is_bit_identical_and_discards_a_nan_update(kind):
         assert a.tobytes() == np.asarray(b).tobytes()
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
+@pytest.mark.parametrize("jit", [True, False])
+def test_all_finite_equals_numpy(bad, jit):
+    """`all_finite` (shape groups, summed ``x * 0``) against numpy's ``isfinite`` per leaf: one
+    bad element anywhere in a tree of shared shapes, mixed dtypes and an integer leaf."""
+    rng = np.random.default_rng(0)
+    tree = {
+        "a": [rng.normal(size=(3, 5)).astype(np.float32) * 1e38 for _ in range(4)],
+        "b": [rng.normal(size=(7,)).astype(jnp.bfloat16) for _ in range(3)],
+        "c": np.arange(6, dtype=np.int32),
+    }
+    check = jax.jit(step_lib.all_finite) if jit else step_lib.all_finite
+    for leaf in [] if bad is None else [("a", 2), ("b", 0)]:
+        poisoned = jax.tree.map(np.copy, tree)
+        poisoned[leaf[0]][leaf[1]].reshape(-1)[-1] = bad
+        want = all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(poisoned))
+        assert not want and bool(check(jax.tree.map(jnp.asarray, poisoned))) is want
+    assert bool(check(jax.tree.map(jnp.asarray, tree))) is True  # 1e38-sized values: no overflow
+    assert bool(check({})) is True
+
+
+def test_guard_discards_a_non_finite_optimizer_state_behind_a_finite_loss():
+    """Loss and gradient norm finite, the optimizer's new state not: the update is discarded."""
+    model = TinyLM(layers=1)
+    params = init_params(model, jax.random.key(0))
+    lora = make_lora(jax.random.key(1), params, init_b=0.05)
+    params = quantize_base(params)
+
+    def update(grads, state, params=None):  # SGD whose state turns inf on its second update
+        count = state + 1
+        return jax.tree.map(lambda g: -1e-2 * g, grads), jnp.where(count == 2, jnp.inf, count)
+
+    opt = optax.GradientTransformation(lambda p: jnp.zeros((), jnp.float32), update)
+    state = init_train_state(jax.tree.map(jnp.copy, lora), opt)
+    step = make_train_step(model, opt, skip_nonfinite=True)
+    batches = _batches(2)
+    state, m = step(state, params, next(batches))
+    assert not bool(m["skipped"])
+    before = jax.tree.map(np.asarray, state)
+    after, m = step(state, params, next(batches))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert bool(m["skipped"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert a.tobytes() == np.asarray(b).tobytes()
+
+
 # --- on_nonfinite in finetune -------------------------------------------------------------
 
 

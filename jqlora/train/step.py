@@ -271,11 +271,26 @@ def configure_model(
 
 
 def all_finite(tree) -> jax.Array:
-    """A boolean scalar: every floating-point leaf of ``tree`` is free of NaN and inf."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return (
-        jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
-    )
+    """A boolean scalar: every floating-point leaf of ``tree`` is free of NaN and inf.
+
+    ``x * 0`` is 0 where ``x`` is finite and NaN where it is inf or NaN, and a sum holding a
+    NaN is NaN: so the check is ``isfinite(sum_i sum(x_i * 0))``, exact (zeros cannot
+    overflow). Leaves of one shape and dtype are added elementwise first, one fused loop,
+    then reduced once (leaves in host memory, ``jqlora.offload``, form their own groups: an
+    operation's inputs must share a memory space). Why not one reduction per leaf: an adapter tree with its Adam state
+    has ~1300 leaves (SmolLM2), and as many reductions took XLA's CPU compiler 11-22 s;
+    grouped by shape, ~3 s, with the same run time.
+    """
+    groups: dict[tuple, list[jax.Array]] = {}
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            key = (x.shape, jnp.dtype(x.dtype), jax.typeof(x).memory_space)
+            groups.setdefault(key, []).append(x)
+    total = jnp.zeros((), jnp.float32)
+    for xs in groups.values():
+        nan_or_zero = functools.reduce(jnp.add, [x * 0 for x in xs])
+        total = total + jnp.sum(nan_or_zero).real.astype(jnp.float32)
+    return jnp.isfinite(total)
 
 
 def select_tree(pick_first: jax.Array, first, second):
