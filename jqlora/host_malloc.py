@@ -21,8 +21,12 @@ faults, and the same result. What it costs:
   step: 11-12 s against 9-10 s). A training run compiles a few programs and runs each for
   many steps; a session of many short compiles may be better off opting out (the test
   suite does);
-* memory freed after the process's peak stays with the process until it exits (peak RSS
-  itself did not grow: 3.33 against 3.53 GiB for the SmolLM2 step).
+* memory freed after the process's peak stays with the process until it exits, and the
+  peak itself can be higher: in 2 of 4 SmolLM2 benchmark processes (2026-11-29) peak RSS
+  came to 5.63-5.64 GiB instead of 3.75-3.76 GiB (glibc's defaults: 3.90-3.94 GiB), one
+  temporary buffer more. Once the heap holds a second buffer-sized block (a new buffer
+  requested while the old one was not free, or the old block split by smaller requests)
+  it keeps it. Where memory is tight, opt out.
 
 The settings must precede the threads that JAX's back end starts (a thread keeps the
 arena it first allocated from), so after the back end has started `configure` changes
