@@ -277,9 +277,9 @@ def all_finite(tree) -> jax.Array:
     NaN is NaN: so the check is ``isfinite(sum_i sum(x_i * 0))``, exact (zeros cannot
     overflow). Leaves of one shape and dtype are added elementwise first, one fused loop,
     then reduced once (leaves in host memory, ``jqlora.offload``, form their own groups: an
-    operation's inputs must share a memory space). Why not one reduction per leaf: an adapter tree with its Adam state
-    has ~1300 leaves (SmolLM2), and as many reductions took XLA's CPU compiler 11-22 s;
-    grouped by shape, ~3 s, with the same run time.
+    operation's inputs must share a memory space). Why not one reduction per leaf: an
+    adapter tree with its Adam state has ~1300 leaves (SmolLM2), and as many reductions
+    took XLA's CPU compiler 11-22 s; grouped by shape, ~3 s, with the same run time.
     """
     groups: dict[tuple, list[jax.Array]] = {}
     for x in jax.tree.leaves(tree):
