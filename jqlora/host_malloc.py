@@ -14,23 +14,34 @@ batch 4 x 256. glibc serves requests above 32 MiB with ``mmap`` and gives them b
 * never hand freed memory back to the kernel (``M_TRIM_THRESHOLD = -1``),
 
 so from the second step on the buffer is memory the process already holds: no page
-faults, and the same result. What it costs:
+faults, and the same result.
+
+It also turns off JAX's asynchronous dispatch on the CPU (``jax_cpu_enable_async_dispatch``
+= False; computations on several devices are dispatched asynchronously either way). With
+it on, a run's temporary buffer is freed by a runtime thread after the run's results are
+ready, so the next step, dispatched as soon as Python has the loss, could request its buffer
+before the last one was freed: the heap then grew by a second buffer that it never gives
+back (peak RSS 5.6 instead of 3.8 GiB in 2 of 4 SmolLM2 benchmark processes, 2026-11-29).
+Run inline, a program frees its buffer before its call returns, so one step's buffer is free
+when the next asks for it and the heap stays one buffer large. A training loop waits for
+each step's loss anyway; what it loses is Python running ahead of the CPU, which eager code
+of many small operations may notice. ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` in the environment
+is taken as the user's choice and left alone.
+
+What the settings cost:
 
 * every thread takes the one heap's lock for its allocations, and XLA's compiler, which
   allocates much from several threads, compiles ~25 % slower (the tiny config's train
   step: 11-12 s against 9-10 s). A training run compiles a few programs and runs each for
   many steps; a session of many short compiles may be better off opting out (the test
   suite does);
-* memory freed after the process's peak stays with the process until it exits, and the
-  peak itself can be higher: in 2 of 4 SmolLM2 benchmark processes (2026-11-29) peak RSS
-  came to 5.63-5.64 GiB instead of 3.75-3.76 GiB (glibc's defaults: 3.90-3.94 GiB), one
-  temporary buffer more. Once the heap holds a second buffer-sized block (a new buffer
-  requested while the old one was not free, or the old block split by smaller requests)
-  it keeps it. Where memory is tight, opt out.
+* memory freed after the process's peak stays with the process until it exits; and
+* dispatch on the CPU is synchronous (above).
 
 The settings must precede the threads that JAX's back end starts (a thread keeps the
-arena it first allocated from), so after the back end has started `configure` changes
-nothing and says so. Set ``JQLORA_HOST_MALLOC=system`` to leave glibc's defaults alone.
+arena it first allocated from; the back end reads the dispatch setting when it starts), so
+after the back end has started `configure` changes nothing and says so. Set
+``JQLORA_HOST_MALLOC=system`` to leave glibc's defaults and JAX's dispatch alone.
 On a C library other than glibc (macOS, musl) there is nothing to set.
 """
 
@@ -47,6 +58,8 @@ OPT_OUT = "JQLORA_HOST_MALLOC"
 # glibc's <malloc.h> parameter numbers.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+#: JAX's option (and its environment variable) for asynchronous dispatch on the CPU.
+ASYNC_DISPATCH = "jax_cpu_enable_async_dispatch"
 
 
 def _glibc():
@@ -73,4 +86,18 @@ def configure() -> bool:
 
     if backend_started():
         return False
+    dispatch_inline()
     return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+
+
+def dispatch_inline() -> None:
+    """Turn off JAX's asynchronous CPU dispatch (module doc), unless the environment
+    already sets it or this jax has no such option."""
+    if ASYNC_DISPATCH.upper() in os.environ:
+        return
+    import jax
+
+    try:
+        jax.config.update(ASYNC_DISPATCH, False)
+    except (AttributeError, KeyError, ValueError):  # a jax without the option
+        pass
