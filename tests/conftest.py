@@ -18,3 +18,25 @@ os.environ.setdefault("JQLORA_COMPUTE_DTYPE", "float32")
 # run with glibc's defaults, and tests/test_host_malloc.py checks the settings themselves
 # in fresh processes.
 os.environ.setdefault("JQLORA_HOST_MALLOC", "system")
+
+# The files that take minutes go first. xdist hands whole files to its two workers in
+# collection order (pyproject.toml's addopts), so that no long file starts last and runs
+# alone on one core while the other sits idle.
+LONG_FILES = (
+    "test_finetune_kill.py",
+    "test_finetune.py",
+    "test_finetune_faults.py",
+    "test_sharding.py",
+    "test_generate.py",
+    "test_smollm2.py",
+    "test_multiprocess.py",
+    "test_host_malloc.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
