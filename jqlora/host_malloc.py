@@ -23,10 +23,11 @@ ready, so the next step, dispatched as soon as Python has the loss, could reques
 before the last one was freed: the heap then grew by a second buffer that it never gives
 back (SmolLM2, 2026-11-29: peak RSS 5.6-7.5 GiB instead of ~3.75 in 3 of 7 processes).
 Run inline, a program frees its buffer before its call returns, so one step's buffer is free
-when the next asks for it and the heap stays one buffer large (3.72-3.75 GiB in 6 of 6). A training loop waits for
-each step's loss anyway; what it loses is Python running ahead of the CPU, which eager code
-of many small operations may notice. ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` in the environment
-is taken as the user's choice and left alone.
+when the next asks for it and the heap stays one buffer large (3.72-3.75 GiB in 6 of 6). A
+training loop waits for each step's loss anyway; what it loses is Python running ahead of
+the CPU, which eager code of many small operations may notice.
+``JAX_CPU_ENABLE_ASYNC_DISPATCH`` in the environment is taken as the user's choice and left
+alone.
 
 What the settings cost:
 

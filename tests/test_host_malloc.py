@@ -34,10 +34,12 @@ print(json.dumps([faults, value, late, jax.config.read("jax_cpu_enable_async_dis
 """
 
 PAGES = 64 * 2**20 // 4096  # the temporary's 4 KiB pages
+# The probes start from JAX's and glibc's defaults, whatever this process was given.
+_UNSET = (host_malloc.OPT_OUT, host_malloc.ASYNC_DISPATCH.upper())
 
 
 def _probe(**env) -> tuple[int, float, bool, bool]:
-    out = run_python(_PROBE, unset=(host_malloc.OPT_OUT, host_malloc.ASYNC_DISPATCH.upper()), **env)
+    out = run_python(_PROBE, unset=_UNSET, **env)
     faults, value, late, asynchronous = json.loads(out.splitlines()[-1])
     return faults, value, late, asynchronous
 
@@ -95,7 +97,7 @@ print(json.dumps([max(held_after_return) / temp, asynchronous]))
 
 def _inline_probe(**env) -> tuple[float, bool]:
     code = _INLINE_PROBE.format(tests=os.path.dirname(__file__))
-    out = run_python(code, unset=(host_malloc.OPT_OUT, host_malloc.ASYNC_DISPATCH.upper()), **env)
+    out = run_python(code, unset=_UNSET, **env)
     held, asynchronous = json.loads(out.splitlines()[-1])
     return held, asynchronous
 
@@ -111,8 +113,8 @@ def test_a_train_step_frees_its_temporary_before_its_call_returns():
     held, asynchronous = _inline_probe()
     assert asynchronous is False
     assert held < 0.25
-    # The environment's choice is left alone, and that choice is why the settings make it:
-    # a whole temporary is still held after the loss of some of the 10 steps.
+    # The environment's choice is left alone; with it, the whole temporary is still held
+    # after the loss of some of the 10 steps, which is why the settings turn it off.
     held, asynchronous = _inline_probe(JAX_CPU_ENABLE_ASYNC_DISPATCH="true")
     assert asynchronous is True
     assert held > 0.5
