@@ -12,6 +12,7 @@ matmuls run several times their float32 rate.
 Each implementation runs in its own process (so peak RSS is its own) for ``--steps`` steps:
 
 - median step time over the steps after ``--warmup`` (compilation, first allocations), tokens/s;
+  the first step's time, compilation included;
 - peak RSS of the process;
 - loss of the last step and eval loss on a held-out batch before and after;
 - jqlora only: the step's model FLOP/s as a fraction of this machine's float32 ``jnp.dot``
@@ -23,6 +24,7 @@ Each implementation runs in its own process (so peak RSS is its own) for ``--ste
     python benchmarks/train_step.py                         # both configs, all three, 50 steps
     python benchmarks/train_step.py --config tiny --steps 20
     python benchmarks/train_step.py --config smollm2 --impl jqlora,peft-bnb --dtype bfloat16
+    python benchmarks/train_step.py --config smollm2 --impl jqlora,jqlora-scan,jqlora-remat,jqlora-scan-remat --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ import time
 import numpy as np
 
 IMPLS = ("jqlora", "peft-bnb", "peft-lora")
+# jqlora with train-step options, by name (rows on request: --impl jqlora,jqlora-scan,...).
+JQLORA_VARIANTS = {
+    "jqlora": {},
+    "jqlora-scan": dict(scan_layers=True),
+    "jqlora-remat": dict(remat="nothing_saveable"),
+    "jqlora-scan-remat": dict(scan_layers=True, remat="nothing_saveable"),
+}
 BATCH, SEQ = 4, 256
 WORK = os.path.join(tempfile.gettempdir(), "jqlora-bench")
 TINY = dict(
@@ -115,7 +124,9 @@ def peak_rss() -> int:
 # ----------------------------------------------------------------------------- workers
 
 
-def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dtype: str) -> dict:
+def run_jqlora(
+    directory: str, batches: np.ndarray, steps: int, warmup: int, dtype: str, **options
+) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -135,8 +146,8 @@ def run_jqlora(directory: str, batches: np.ndarray, steps: int, warmup: int, dty
     )
     optimizer = jqlora.make_optimizer(2e-4, max_grad_norm=0.3)
     state = jqlora.init_train_state(lora, optimizer)
-    step = jqlora.make_train_step(model, optimizer, compute_dtype=dtype)
-    eval_model = configure_model(model, compute_dtype=dtype)
+    step = jqlora.make_train_step(model, optimizer, compute_dtype=dtype, **options)
+    eval_model = configure_model(model, compute_dtype=dtype, scan_layers=options.get("scan_layers"))
     # params go in as an argument: closed over, they would be constants of the program and
     # XLA would fold the dequantization at compile time (gigabytes of compile memory).
     eval_fn = jax.jit(
@@ -284,6 +295,7 @@ def summary(times, cpu, faults, warmup, loss, eval_before, eval_after) -> dict:
     median_cpu = statistics.median(cpu[warmup:] or cpu)
     return dict(
         median_step_s=median,
+        first_step_s=times[0],  # compilation included
         tokens_per_s=BATCH * SEQ / median,
         median_step_cpu_s=median_cpu,
         tokens_per_cpu_s=BATCH * SEQ / median_cpu,
@@ -300,8 +312,8 @@ def worker(impl: str, config: str, steps: int, warmup: int, dtype: str) -> dict:
     directory = model_dir(config)
     vocab = json.load(open(os.path.join(directory, "config.json")))["vocab_size"]
     batches = token_batches(steps + 1, vocab)  # the last batch is held out
-    if impl == "jqlora":
-        return run_jqlora(directory, batches, steps, warmup, dtype)
+    if impl in JQLORA_VARIANTS:
+        return run_jqlora(directory, batches, steps, warmup, dtype, **JQLORA_VARIANTS[impl])
     return run_torch(directory, batches, steps, warmup, quantized=impl == "peft-bnb", dtype=dtype)
 
 
@@ -311,7 +323,11 @@ def worker(impl: str, config: str, steps: int, warmup: int, dtype: str) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=("smollm2", "tiny", "both"), default="both")
-    p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    p.add_argument(
+        "--impl",
+        default=",".join(IMPLS),
+        help=f"comma-separated subset of {IMPLS + tuple(JQLORA_VARIANTS)[1:]}",
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument(
@@ -364,10 +380,10 @@ def main():
 
 def print_table(rows):
     print(
-        "\n| config | compute | implementation | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
+        "\n| config | compute | implementation | first step (s) | median step (s) | tokens/s | vs PEFT+bnb | CPU s / step | tokens / CPU s | "
         "vs PEFT+bnb | page faults / step | peak RSS (GiB) | eval loss before -> after | last-step loss | model FLOP/s / f32 dot (/ bf16 dot) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(
             (
@@ -389,7 +405,7 @@ def print_table(rows):
             else ""
         )
         print(
-            f"| {r['config']} | {r['dtype']} | {r['impl']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
+            f"| {r['config']} | {r['dtype']} | {r['impl']} | {r.get('first_step_s', float('nan')):.1f} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
             f"{r['median_step_cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {cpu_ratio} | "
             f"{r.get('page_faults_per_step', float('nan')):.0f} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | "

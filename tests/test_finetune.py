@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
+from safetensors.numpy import load_file
 
 from jqlora.cli import main
 from jqlora.train import checkpoint as ckpt
 from jqlora.train import loop
+from jqlora.train.run_args import checkpoint_to_resume
 
 # seq_len 32 holds every example in one bucket: one compiled step per run.
 RUN = dict(
@@ -215,6 +218,41 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
     assert main(argv("8", "--resume")) == 2
     err = capsys.readouterr().err
     assert "cannot resume with different settings" in err and "lora_r" in err
+    # scan_layers rounds differently in bfloat16: a run cannot switch it either...
+    assert main(argv("4", "--resume", "--scan-layers")) == 2
+    assert "scan_layers" in capsys.readouterr().err
+    # ...and a checkpoint written before the setting existed resumes as an unscanned run.
+    latest = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
+    with open(os.path.join(latest, "meta.json")) as f:
+        saved = json.load(f)
+    run_args = dict(saved["meta"]["args"])
+    del saved["meta"]["args"]["scan_layers"]
+    with open(os.path.join(latest, "meta.json"), "w") as f:
+        json.dump(saved, f)
+    resume = types.SimpleNamespace(out=out, resume=True)
+    assert checkpoint_to_resume(resume, run_args) == latest
+    with pytest.raises(ValueError, match="scan_layers"):
+        checkpoint_to_resume(resume, {**run_args, "scan_layers": True})
+
+
+def test_scan_layers_run_equals_the_unrolled_run(tiny, tmp_path):
+    """A run with ``scan_layers`` (dropout on: the loop draws the unrolled masks) trains the
+    adapter the unrolled run trains; in float32, since in bfloat16 the two programs round
+    differently (see test_scan_layers)."""
+    model_dir, data = tiny
+    run = {**RUN, "compute_dtype": "float32"}
+    adapters = [
+        loop.finetune(
+            model_dir, data, str(tmp_path / f"scan-{scan}"), steps=3, scan_layers=scan, **run
+        )
+        for scan in (False, True)
+    ]
+    want, got = (load_file(os.path.join(a.out, "adapter_model.safetensors")) for a in adapters)
+    assert got.keys() == want.keys()
+    # Adam divides each gradient by its own scale: where one is near zero, the programs'
+    # last-bit differences move the adapter by a little of one step (lr); 1e-5 is 0.2 % of it.
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=2e-3 * RUN["lr"], err_msg=k)
 
 
 @pytest.mark.slow
@@ -242,8 +280,6 @@ def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
     one device) trains the same adapter as the single-device run."""
     import subprocess
     import sys
-
-    from safetensors.numpy import load_file
 
     model_dir, data = tiny
     out = tmp_path / "mesh"

@@ -111,12 +111,15 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_loss_fn_equals_transformers_loss(tmp_path, name):
+def test_loss_fn_equals_transformers_loss(tmp_path, name, scan_layers):
     """``loss_fn`` (fused head) against transformers' ``labels=`` loss, and its adapter
-    gradients against the path through full logits."""
+    gradients against the path through full logits (unrolled layers: with ``scan_layers``
+    the scanned layers' gradients are checked against the unrolled ones)."""
     ref = make_tiny(CONFIGS[name](), tmp_path)
-    model, params = jqlora.load_hf(str(tmp_path))
+    unrolled, params = jqlora.load_hf(str(tmp_path))
+    model = unrolled.clone(scan_layers=scan_layers)
     assert step._plain_head_weight(model, params, {}) is not None
     lora = jqlora.init_lora(jax.random.key(0), params, jqlora.LoraConfig(r=4, alpha=8))
     # Non-zero B so that the adapters change the output and get a gradient through A too.
@@ -139,7 +142,7 @@ def test_loss_fn_equals_transformers_loss(tmp_path, name):
     fused = jax.grad(lambda lo: step.loss_fn(lo, params, batch, model=model)[0])(lora)
 
     def full_logits_loss(lo):
-        logits = model.apply({"params": params, "lora": lo}, batch["input_ids"])
+        logits = unrolled.apply({"params": params, "lora": lo}, batch["input_ids"])
         return step.next_token_loss(logits, batch)[0]
 
     full = jax.grad(full_logits_loss)(lora)

@@ -3,6 +3,7 @@ every family, GQA, tied/untied embeddings, biases, every rope_scaling variant, p
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import transformers as tf
@@ -115,6 +116,17 @@ def test_logits_equal_transformers_with_left_padding(tiny):
     assert np.abs(want).max() > 0.3, "logits should be O(1) for the tolerance to mean something"
     np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0, err_msg=name)
 
+    # scan_layers: the same per-layer params, the layers run as one loop (but GPT-2's layer-
+    # scaled attention differs per layer, so it stays unrolled).
+    scanned = model.clone(scan_layers=True)
+
+    def forward(p):
+        return scanned.apply({"params": p}, ids, attention_mask=mask)
+
+    assert ("scan" in str(jax.make_jaxpr(forward)(params))) == (name != "gpt2-untied-layer-scaled")
+    got = np.asarray(forward(params))
+    np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0, err_msg=name)
+
 
 def test_kv_cache_prefill_and_decode_equal_full_forward(tiny):
     """Prefill 4 tokens, then decode 3 one at a time: the same logits as one full pass."""
@@ -168,7 +180,6 @@ def test_lora_entry_equals_merged_weight_in_transformers(tiny):
 def test_remat_keeps_lora_gradients():
     """``remat`` (a jax.checkpoint_policies name) recomputes layers in the backward pass
     without changing the adapter gradients; the params tree keeps its HF paths."""
-    import jax
     import jax.numpy as jnp
 
     from jqlora.lora import LoraSpec

@@ -71,6 +71,11 @@ class GPT2Block(nn.Module):
     layer: int
     dtype: jnp.dtype
 
+    @staticmethod
+    def layers_alike(config: GPT2Config) -> bool:
+        """Whether every block computes the same function of its params (``LayerList.scan``)."""
+        return not config.scale_attn_by_inverse_layer_idx
+
     @nn.compact
     def __call__(self, h, cache_kv, cache_index, mask):
         c = self.config
@@ -123,6 +128,7 @@ class GPT2Model(nn.Module):
     config: GPT2Config
     dtype: jnp.dtype
     remat: str | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
@@ -133,9 +139,9 @@ class GPT2Model(nn.Module):
             positions = common.default_positions(b, s, cache)
         h = Embed(c.vocab_size, c.n_embd, self.dtype, name="wte")(ids)
         h = h + Embed(c.n_positions, c.n_embd, self.dtype, name="wpe")(positions)
-        h, new_kv = common.LayerList(GPT2Block, c, c.n_layer, self.dtype, self.remat, name="h")(
-            h, cache, mask
-        )
+        h, new_kv = common.LayerList(
+            GPT2Block, c, c.n_layer, self.dtype, self.remat, self.scan_layers, name="h"
+        )(h, cache, mask)
         h = LayerNorm(c.layer_norm_epsilon, True, self.dtype, name="ln_f")(h)
         return h, common.next_cache(cache, new_kv, valid, s)
 
@@ -149,6 +155,7 @@ class GPT2LMHeadModel(common.CausalLMHead, nn.Module):
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32
     remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each block
+    scan_layers: bool = False
 
     TIED_EMBEDDING = ("transformer", "wte", "weight")
 
@@ -157,7 +164,7 @@ class GPT2LMHeadModel(common.CausalLMHead, nn.Module):
         self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
     ):
         c = self.config
-        h, new_cache = GPT2Model(c, self.dtype, self.remat, name="transformer")(
+        h, new_cache = GPT2Model(c, self.dtype, self.remat, self.scan_layers, name="transformer")(
             input_ids, attention_mask, positions, cache
         )
         if hidden_only:

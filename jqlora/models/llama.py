@@ -133,6 +133,12 @@ class LlamaDecoderLayer(nn.Module):
     layer: int
     dtype: jnp.dtype
 
+    @staticmethod
+    def layers_alike(config: LlamaConfig) -> bool:
+        """Whether every layer computes the same function of its params (``LayerList.scan``):
+        not when some layers slide a window over the keys and others do not."""
+        return len(set(config.sliding_windows)) == 1
+
     @nn.compact
     def __call__(self, h, cache_kv, cache_index, masks, rope):
         c = self.config
@@ -150,6 +156,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype
     remat: str | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
@@ -174,7 +181,13 @@ class LlamaModel(nn.Module):
         rope_cos_sin = common.rope_tables(positions, jnp.asarray(inv_freq), scale)
         embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")
         layers = common.LayerList(
-            LlamaDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers"
+            LlamaDecoderLayer,
+            c,
+            c.num_hidden_layers,
+            self.dtype,
+            self.remat,
+            self.scan_layers,
+            name="layers",
         )
         h, new_kv = layers(embed(ids), cache, masks, rope_cos_sin)
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
@@ -190,6 +203,7 @@ class LlamaForCausalLM(common.CausalLMHead, nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each decoder layer
+    scan_layers: bool = False
 
     TIED_EMBEDDING = ("model", "embed_tokens", "weight")
 
@@ -198,7 +212,7 @@ class LlamaForCausalLM(common.CausalLMHead, nn.Module):
         self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
     ):
         c = self.config
-        h, new_cache = LlamaModel(c, self.dtype, self.remat, name="model")(
+        h, new_cache = LlamaModel(c, self.dtype, self.remat, self.scan_layers, name="model")(
             input_ids, attention_mask, positions, cache
         )
         if hidden_only:

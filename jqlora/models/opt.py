@@ -120,6 +120,7 @@ class OPTDecoder(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
     remat: str | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
@@ -140,7 +141,13 @@ class OPTDecoder(nn.Module):
         )
         h = h + table(positions + POSITION_OFFSET)
         layers = common.LayerList(
-            OPTDecoderLayer, c, c.num_hidden_layers, self.dtype, self.remat, name="layers"
+            OPTDecoderLayer,
+            c,
+            c.num_hidden_layers,
+            self.dtype,
+            self.remat,
+            self.scan_layers,
+            name="layers",
         )
         h, new_kv = layers(h, cache, mask)
         if c.final_layer_norm:
@@ -169,6 +176,7 @@ class OPTForCausalLM(common.CausalLMHead, nn.Module):
     config: OPTConfig
     dtype: jnp.dtype = jnp.float32
     remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each decoder layer
+    scan_layers: bool = False
 
     TIED_EMBEDDING = ("model", "decoder", "embed_tokens", "weight")
 
@@ -177,7 +185,7 @@ class OPTForCausalLM(common.CausalLMHead, nn.Module):
         self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
     ):
         c = self.config
-        h, new_cache = OPTModel(c, self.dtype, self.remat, name="model")(
+        h, new_cache = OPTModel(c, self.dtype, self.remat, self.scan_layers, name="model")(
             input_ids, attention_mask, positions, cache
         )
         if hidden_only:
@@ -201,9 +209,10 @@ class OPTModel(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
     remat: str | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
-        return OPTDecoder(self.config, self.dtype, self.remat, name="decoder")(
+        return OPTDecoder(self.config, self.dtype, self.remat, self.scan_layers, name="decoder")(
             ids, attention_mask, positions, cache
         )

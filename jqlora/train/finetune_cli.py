@@ -109,6 +109,12 @@ def register(subparsers) -> None:
         "--remat", action="store_true", help="recompute each decoder layer in the backward pass"
     )
     p.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="run the decoder layers as one loop (XLA compiles one layer, not all of them); "
+        "on a CPU each step is slower, and with --remat it needs far less memory",
+    )
+    p.add_argument(
         "--eval-every", type=positive_int, default=20, help="steps between held-out evaluations"
     )
     p.add_argument("--save-every", type=positive_int, default=20, help="steps between checkpoints")
@@ -162,7 +168,8 @@ def run(args) -> int:
             batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=_targets(args.target_modules), quant=args.quant,
-            offload_optimizer=args.offload_optimizer, remat=args.remat, eval_every=args.eval_every,
+            offload_optimizer=args.offload_optimizer, remat=args.remat,
+            scan_layers=args.scan_layers, eval_every=args.eval_every,
             save_every=args.save_every, resume=args.resume, seed=args.seed, mesh=args.mesh,
             on_nonfinite=args.on_nonfinite, compute_dtype=args.compute_dtype,
         )  # fmt: skip

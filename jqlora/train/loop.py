@@ -72,6 +72,7 @@ def finetune(
     quant: str = "nf4",
     offload_optimizer: bool = False,
     remat: bool = False,
+    scan_layers: bool = False,
     eval_every: int = 20,
     save_every: int = 20,
     resume: bool = False,
@@ -95,7 +96,10 @@ def finetune(
     ``steps`` or ``epochs`` (not both) sets the length; neither: DEFAULT_STEPS (40). ``resume=True``
     continues from the newest checkpoint in ``out/checkpoints``. ``mesh`` (e.g.
     ``"data=2,fsdp=4"``, see ``jqlora.sharding``) places the base, adapters, optimizer state
-    and batches on the devices of this process; default: one device.
+    and batches on the devices of this process; default: one device. ``remat=True``
+    recomputes each decoder layer in the backward pass; ``scan_layers=True`` runs the layers
+    as one loop, so XLA compiles one layer instead of all of them (on a CPU each step is
+    slower; with ``remat`` the step needs far less memory: ``jqlora.models.common.LayerList``).
 
     A step whose loss, gradients or update hold NaN or inf never changes the adapters or
     the optimizer state. ``on_nonfinite="stop"`` (default) then ends the run with

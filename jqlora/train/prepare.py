@@ -107,9 +107,9 @@ def make_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
     return optax.warmup_constant_schedule(0.0, lr, warmup_steps)
 
 
-def make_eval_fn(model, compute_dtype):
+def make_eval_fn(model, compute_dtype, *, scan_layers: bool | None = None):
     """A jitted ``(lora, params, batch) -> (sum of target losses, number of targets)``."""
-    model = configure_model(model, compute_dtype=compute_dtype)
+    model = configure_model(model, compute_dtype=compute_dtype, scan_layers=scan_layers)
 
     @jax.jit
     def evaluate(lora, params, batch):
@@ -178,6 +178,7 @@ def prepare_run(args: FinetuneArgs) -> Run:
         optimizer,
         compute_dtype=compute_dtype,
         remat="nothing_saveable" if args.remat else None,
+        scan_layers=args.scan_layers,
         skip_nonfinite=True,
     )
     run = Run(
@@ -197,7 +198,7 @@ def prepare_run(args: FinetuneArgs) -> Run:
         base=base,
         params=params,
         step_fn=step_fn,
-        eval_fn=make_eval_fn(base, compute_dtype),
+        eval_fn=make_eval_fn(base, compute_dtype, scan_layers=args.scan_layers),
         sample_ids=_prompt_of(eval_set[0] if eval_set else train_set[0]) if args.sample else None,
         state=state,
         rng=jax.random.key(args.seed + 1),

@@ -31,12 +31,15 @@ _RESUME_KEYS = (
     "quant",
     "offload_optimizer",
     "remat",
+    "scan_layers",
     "seed",
     "warmup_steps",
     "eval_fraction",
     "max_grad_norm",
     "compute_dtype",
 )
+# Settings newer than some checkpoints: those checkpoints were written with these values.
+_ADDED_LATER = {"scan_layers": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,7 @@ class FinetuneArgs:
     quant: str
     offload_optimizer: bool
     remat: bool
+    scan_layers: bool
     eval_every: int
     save_every: int
     resume: bool
@@ -154,6 +158,7 @@ def checkpointed_args(
         quant=args.quant,
         offload_optimizer=args.offload_optimizer,
         remat=args.remat,
+        scan_layers=args.scan_layers,
         seed=args.seed,
         warmup_steps=warmup_steps,
         eval_fraction=args.eval_fraction,
@@ -171,7 +176,7 @@ def checkpoint_to_resume(args: FinetuneArgs, run_args: dict[str, Any]) -> str | 
             f"{args.out} already holds checkpoints of a run; pass resume=True (--resume) or another output directory"
         )
     if latest:
-        saved = ckpt.read_meta(latest)["args"]
+        saved = {**_ADDED_LATER, **ckpt.read_meta(latest)["args"]}
         diff = {k: (saved.get(k), run_args[k]) for k in _RESUME_KEYS if saved.get(k) != run_args[k]}
         if diff:
             raise ValueError(

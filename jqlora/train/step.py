@@ -42,8 +42,9 @@ module fields are set through ``Module.clone`` when the model declares them:
   policy (``"nothing_saveable"``: recompute each decoder layer in the backward pass;
   ``"dots_with_no_batch_dims_saveable"``: keep the matmul outputs). The model wraps its
   decoder-layer class in ``nn.remat(..., policy=getattr(jax.checkpoint_policies, remat))``;
-* ``scan_layers``: run the decoder layers under ``nn.scan`` (one compiled layer body)
-  instead of unrolled.
+* ``scan_layers``: run the decoder layers as one loop (one compiled layer body) instead of
+  unrolled. jqlora's models take the same per-layer params tree either way and stack it
+  inside the step (``jqlora.models.common.LayerList``).
 """
 
 from __future__ import annotations
