@@ -28,7 +28,7 @@ part machine 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version
     $py -c 'import jax, jaxlib; print(\"jax\", jax.__version__, jaxlib.__version__, jax.devices())'"
 part kernel_tests 90 $py -m pytest -q -n 0 -p no:cacheprovider tests/test_kernels_on_gpu.py
 part train_step 300 $py benchmarks/train_step_gpu.py --shape smollm2-135m,llama-1b \
-    --batch 8x1024 --rows jqlora,peft-lora,jqlora-pallas --timeout 120
+    --batch 8x1024 --rows jqlora,peft-lora,jqlora-pallas,jqlora-scan --timeout 120
 part qmatmul 100 $py benchmarks/qmatmul.py --models 7B --backward --reps 10 --m 1 16 4096
 part offload 60 $py benchmarks/offload_memory.py --steps 3
 

@@ -12,6 +12,7 @@ Rows (each in its own process, so the peak memory is its own):
 
 - ``jqlora``: the automatic back end (on a GPU, the XLA path: dequantize, then ``dot``);
 - ``jqlora-pallas``: the same step with ``JQLORA_QMATMUL=pallas`` (the Pallas GPU kernel);
+- ``jqlora-scan``: the same step with ``scan_layers=True`` (one compiled decoder layer);
 - ``peft-lora``: PyTorch + PEFT LoRA on the bfloat16 model, not quantized (bitsandbytes is
   not installed on the GPU machine), eager, SDPA attention.
 
@@ -72,7 +73,7 @@ SHAPES = {
     ),
 }
 START = time.perf_counter()
-ROWS = ("jqlora", "peft-lora", "jqlora-pallas")
+ROWS = ("jqlora", "peft-lora", "jqlora-pallas", "jqlora-scan")
 
 
 def hf_config(shape: str, seq: int) -> dict:
@@ -114,7 +115,9 @@ def bf16_dot_rate(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def run_jqlora(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def run_jqlora(
+    shape: str, batch: int, seq: int, steps: int, warmup: int, scan_layers: bool = False
+) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -132,7 +135,9 @@ def run_jqlora(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dic
     )
     optimizer = jqlora.make_optimizer(2e-4, max_grad_norm=0.3)
     state = jqlora.init_train_state(lora, optimizer)
-    step = jqlora.make_train_step(model, optimizer, compute_dtype="bfloat16")
+    step = jqlora.make_train_step(
+        model, optimizer, compute_dtype="bfloat16", scan_layers=scan_layers
+    )
     ids = jax.random.randint(jax.random.key(2), (steps, batch, seq), 0, cfg["vocab_size"])
     log("model built and quantized")
     times, key = [], jax.random.key(3)
@@ -200,8 +205,10 @@ def run_peft(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
 def worker(row: str, shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     if row == "jqlora-pallas":
         os.environ["JQLORA_QMATMUL"] = "pallas"
-    run = run_peft if row == "peft-lora" else run_jqlora
-    out = run(shape, batch, seq, steps, warmup)
+    if row == "peft-lora":
+        out = run_peft(shape, batch, seq, steps, warmup)
+    else:
+        out = run_jqlora(shape, batch, seq, steps, warmup, scan_layers=row == "jqlora-scan")
     times = out.pop("times")
     median = statistics.median(times[warmup:])
     flops = model_flops(hf_config(shape, seq), batch, seq)

@@ -161,7 +161,8 @@ def activation_bytes(
 
     Without remat every layer's saved values (``layer_activation_elements``) are live at
     once. With remat (``nothing_saveable`` per layer) only each layer's input is kept,
-    and one layer's values are recomputed at a time.
+    and one layer's values are recomputed at a time (on XLA's CPU back end only when the
+    layers run as one loop, ``scan_layers``: unrolled, it recomputes them all early).
     """
     tokens = batch_size * seq_len
     per_token, attn_f32 = layer_activation_elements(s, seq_len)

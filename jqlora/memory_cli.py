@@ -60,7 +60,9 @@ def register(subparsers) -> None:
         "--offload", action="store_true", help="optimizer state in host memory, not on the device"
     )
     p.add_argument(
-        "--remat", action="store_true", help="rematerialize each decoder layer (finetune --remat)"
+        "--remat",
+        action="store_true",
+        help="rematerialize each decoder layer (finetune --remat; on a CPU, with --scan-layers)",
     )
     p.add_argument(
         "--compute-dtype",

@@ -106,7 +106,10 @@ def register(subparsers) -> None:
         "--offload-optimizer", action="store_true", help="keep optimizer state in host memory"
     )
     p.add_argument(
-        "--remat", action="store_true", help="recompute each decoder layer in the backward pass"
+        "--remat",
+        action="store_true",
+        help="recompute each decoder layer in the backward pass (on a CPU this saves memory "
+        "only with --scan-layers)",
     )
     p.add_argument(
         "--scan-layers",
