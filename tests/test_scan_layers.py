@@ -53,8 +53,9 @@ def _step(model, params, lora, **kw):
     return step(init_train_state(lora, opt), params, _batch())
 
 
-def _scans(model, params, lora, **kw) -> bool:
-    model = configure_model(model, scan_layers=True, **kw)
+def _scans(model, params, lora) -> bool:
+    """Whether the model with ``scan_layers`` runs its layers as a loop for this adapter."""
+    model = configure_model(model, scan_layers=True)
     ids = _batch()["input_ids"]
     jaxpr = jax.make_jaxpr(lambda lo: model.apply({"params": params, "lora": lo}, ids))(lora)
     return "scan" in str(jaxpr)
