@@ -277,18 +277,20 @@ def test_default_model_and_data_train_a_few_real_steps(tmp_path):
 
 def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
     """`finetune(mesh="data=2,fsdp=2")` on 4 host devices (a subprocess, so this process keeps
-    one device) trains the same adapter as the single-device run."""
+    one device) trains the same adapter as the single-device run, with the layers unrolled
+    and with ``scan_layers`` (the loop over layers whose params are sharded)."""
     import subprocess
     import sys
 
     model_dir, data = tiny
-    out = tmp_path / "mesh"
-    script = (
-        "from jqlora.train import loop\n"
+    script = "from jqlora.train import loop\n" + (
         f"run = dict({', '.join(f'{k}={v!r}' for k, v in RUN.items() if k != 'log')})\n"
-        f"loop.finetune({str(model_dir)!r}, {data!r}, {str(out)!r}, steps=5, mesh='data=2,fsdp=2', "
-        "log=lambda *a: None, **run)\n"
     )
+    for scan in (False, True):
+        script += (
+            f"loop.finetune({str(model_dir)!r}, {data!r}, {str(tmp_path / f'mesh-{scan}')!r}, "
+            f"steps=5, mesh='data=2,fsdp=2', scan_layers={scan}, log=lambda *a: None, **run)\n"
+        )
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
@@ -296,8 +298,11 @@ def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = load_file(str(out / "adapter_model.safetensors"))
     want = load_file(os.path.join(whole.out, "adapter_model.safetensors"))
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # The loop's rounding differs from the unrolled program's: Adam turns that into a little
+    # of one step (lr) where a gradient is near zero (test_scan_layers_run_equals_...).
+    for scan, atol in ((False, 1e-6), (True, 2e-3 * RUN["lr"])):
+        got = load_file(str(tmp_path / f"mesh-{scan}" / "adapter_model.safetensors"))
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=atol, err_msg=f"{scan} {k}")
