@@ -115,7 +115,8 @@ def register(subparsers) -> None:
         "--scan-layers",
         action="store_true",
         help="run the decoder layers as one loop (XLA compiles one layer, not all of them); "
-        "on a CPU each step is slower, and with --remat it needs far less memory",
+        "on a CPU each step is slower (SmolLM2: 7%% in float32, 2.7x in bfloat16) and needs "
+        "less memory, far less with --remat",
     )
     p.add_argument(
         "--eval-every", type=positive_int, default=20, help="steps between held-out evaluations"
