@@ -1,8 +1,9 @@
-"""What a fine-tuning run sets up before its first step (see ``jqlora.train.loop``).
+"""What a fine-tuning run sets up before its first step (see ``jqlora.app.loop``).
 
-``prepare_run`` loads the tokenizer and the data, the base model (4-bit unless asked otherwise) and fresh adapters,
-builds the optimizer and the jitted train and eval programs, and then either restores the
-newest checkpoint (``resume=True``) or measures the base model (eval loss, a sample answer)
+``prepare_run`` loads the tokenizer and the data, the base model (4-bit unless asked
+otherwise) and fresh adapters, builds the learning-rate schedule, the optimizer and the
+jitted train and eval programs, writes ``OUT/config.yaml`` and then either restores the
+newest checkpoint (``resume``) or measures the base model (eval loss, a sample answer)
 and starts ``metrics.jsonl`` afresh.
 """
 
@@ -20,18 +21,20 @@ import numpy as np
 import optax
 
 from jqlora import sharding
-from jqlora.lora import LoraConfig, init_lora
-from jqlora.train import checkpoint as ckpt
-from jqlora.train import data as data_lib
-from jqlora.train import report as report_lib
-from jqlora.train.run_args import (
-    FinetuneArgs,
+from jqlora.app import config as config_lib
+from jqlora.app import report as report_lib
+from jqlora.app.config import FinetuneConfig
+from jqlora.app.run_args import (
     checkpoint_to_resume,
-    checkpointed_args,
     default_data_path,
+    resolve,
     resolve_model_path,
     total_steps,
 )
+from jqlora.hf.load import load_hf
+from jqlora.lora import init_lora
+from jqlora.train import checkpoint as ckpt
+from jqlora.train import data as data_lib
 from jqlora.train.step import (
     TrainState,
     configure_model,
@@ -44,17 +47,36 @@ from jqlora.train.step import (
 
 
 @dataclasses.dataclass
+class RunRecord:
+    """What a run has measured and counted so far; saved with each checkpoint beside the
+    state, so that a resumed run reports as the uninterrupted one would."""
+
+    eval_loss_before: float | None = None
+    sample_before: str | None = None
+    train_time_s: float = 0.0
+    timed_tokens: int = 0  # tokens and seconds of the steps that compiled nothing
+    timed_s: float = 0.0
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
+    nonfinite_streak: int = 0  # non-finite steps in a row, up to the last one
+    data_position: int = 0  # micro-batches consumed
+
+    def to_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> RunRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
     """A run set up to train: its settings resolved, its data, model and programs, and
-    where it starts (``start_step``, ``state``, ``rng``, ``meta``), fresh or restored."""
+    where it starts (``start_step``, ``state``, ``rng``, ``record``), fresh or restored."""
 
-    args: FinetuneArgs
-    data: str  # the data file: ``args.data`` or the house-style set
-    steps: int  # updates in all, from ``args.steps`` or ``args.epochs``
-    warmup_steps: int
-    compute_dtype: np.dtype
-    lora_config: LoraConfig
-    run_args: dict[str, Any]  # saved in each checkpoint; a resume must agree on _RESUME_KEYS
+    config: FinetuneConfig  # resolved: as in OUT/config.yaml
+    steps: int  # updates in all, from ``loop.steps`` or ``loop.epochs``
+    schedule: optax.Schedule | None  # the learning rate per update; None: the caller's optimizer
     tokenizer: Any
     pad_id: int
     train_set: list[data_lib.Example]
@@ -68,24 +90,27 @@ class Run:
     sample_ids: np.ndarray | None  # the prompt of the sample answers; None: no samples
     state: TrainState
     rng: jax.Array  # dropout key; micro-batch i uses fold_in(rng, i)
-    start_step: int = 0
-    # Saved with each checkpoint besides the state: eval loss and sample before training,
-    # timings, skipped steps, the data position and ``run_args``.
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    start_step: int
+    record: RunRecord
+    log: Callable[[str], object]
+
+    @property
+    def out(self) -> str:
+        return self.config.output.dir
 
     @property
     def ckpt_dir(self) -> str:
-        return os.path.join(self.args.out, "checkpoints")
+        return os.path.join(self.out, "checkpoints")
 
     @property
     def metrics_path(self) -> str:
-        return os.path.join(self.args.out, "metrics.jsonl")
+        return os.path.join(self.out, "metrics.jsonl")
 
     def eval_loss(self, lora) -> float | None:
         """Mean next-token loss of the adapted model on the held-out set (None: no such set)."""
-        a = self.args
+        d = self.config.data
         return evaluate_loss(
-            self.eval_fn, lora, self.params, self.eval_set, a.batch_size, a.seq_len, self.pad_id
+            self.eval_fn, lora, self.params, self.eval_set, d.batch_size, d.seq_len, self.pad_id
         )
 
     def sample_answer(self, lora) -> str:
@@ -96,12 +121,13 @@ class Run:
             lora,
             self.tokenizer,
             self.sample_ids,
-            max_new_tokens=self.args.max_new_tokens,
+            max_new_tokens=self.config.output.max_new_tokens,
         )
 
 
 def make_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` updates, then constant (QLoRA)."""
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` updates, then constant (QLoRA):
+    ``lr * min(1, step / warmup_steps)``."""
     if warmup_steps <= 0:
         return optax.constant_schedule(lr)
     return optax.warmup_constant_schedule(0.0, lr, warmup_steps)
@@ -130,46 +156,52 @@ def evaluate_loss(eval_fn, lora, params, examples, batch_size, seq_len, pad_id) 
     return total / max(count, 1.0)
 
 
-def prepare_run(args: FinetuneArgs) -> Run:
+def prepare_run(
+    config: FinetuneConfig,
+    optimizer: optax.GradientTransformation | None = None,
+    log: Callable[[str], object] = print,
+) -> Run:
     """Data, base model, adapters, optimizer and programs of a run, at its first step or at
-    the newest checkpoint's (``args.resume``). Raises ``ValueError`` where ``args.out``
-    holds checkpoints and ``resume`` is off, or their settings differ from ``args``."""
-    log = args.log
-    data = args.data or default_data_path()
-    path = resolve_model_path(args.model)
-    log(f"model: {path} ({'float' if args.quant == 'none' else args.quant + ' + double quant'})")
-    compute_dtype = jnp.dtype(args.compute_dtype or default_compute_dtype())
-    lora_config = LoraConfig(
-        r=args.lora_r,
-        alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
-        target_modules=args.target_modules,
+    the newest checkpoint's (``config.loop.resume``). ``optimizer`` replaces the one
+    ``config.optim`` describes. Raises ``ValueError`` where the output directory holds
+    checkpoints and ``resume`` is off, or their run's settings differ from ``config``."""
+    m, d, loop, out = config.model, config.data, config.loop, config.output
+    data = d.path or default_data_path()
+    path = resolve_model_path(m.path)
+    q = config.quant
+    log(
+        f"model: {path} ({'float' if q is None else q.quant_type + ' + double quant' * q.double_quant})"
     )
+    compute_dtype = jnp.dtype(m.compute_dtype or default_compute_dtype())
 
     tokenizer = data_lib.load_tokenizer(path)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    examples, stats = data_lib.load_examples(data, tokenizer, args.seq_len)
-    train_set, eval_set = data_lib.split_eval(examples, args.eval_fraction, args.seed)
-    stream = data_lib.BatchStream(train_set, args.batch_size, args.seq_len, pad_id, args.seed)
-    steps = total_steps(args, stream)
-    warmup_steps = max(1, round(0.03 * steps)) if args.warmup_steps is None else args.warmup_steps
-    run_args = checkpointed_args(args, data, warmup_steps, compute_dtype)
-    latest = checkpoint_to_resume(args, run_args)
+    examples, stats = data_lib.load_examples(data, tokenizer, d.seq_len)
+    train_set, eval_set = data_lib.split_eval(examples, d.eval_fraction, loop.seed)
+    stream = data_lib.BatchStream(train_set, d.batch_size, d.seq_len, pad_id, loop.seed)
+    steps = total_steps(loop, stream)
+    config = resolve(config, data, steps, compute_dtype)
+    latest = checkpoint_to_resume(config)
     log(
         f"data: {data}: {len(train_set)} train / {len(eval_set)} held-out examples"
-        + (
-            f" ({stats['truncated']} truncated to {args.seq_len} tokens)"
-            if stats["truncated"]
-            else ""
-        )
+        + (f" ({stats['truncated']} truncated to {d.seq_len} tokens)" if stats["truncated"] else "")
         + (f" ({stats['dropped']} without a target dropped)" if stats["dropped"] else "")
     )
 
-    device_mesh = _make_mesh(args)
+    device_mesh = _make_mesh(config, log)
     place = None if device_mesh is None else sharding.placer(device_mesh)
-    base, params = _load_base(path, args.quant, args.progress, place=place)
-    lora = init_lora(jax.random.key(args.seed), params, lora_config)
-    optimizer = _make_optimizer(args, warmup_steps)
+    base, params = load_hf(
+        path, quantization=q, dtype=jnp.float32, progress=None if out.progress else False,
+        place=place,
+    )  # fmt: skip
+    lora = init_lora(jax.random.key(loop.seed), params, config.lora)
+    schedule = None
+    if optimizer is None:
+        warmup_steps = config.schedule.warmup_steps
+        assert warmup_steps is not None  # resolved above
+        schedule = make_schedule(config.optim.lr, warmup_steps)
+        optimizer = make_optimizer(schedule, max_grad_norm=config.optim.max_grad_norm)
+    optimizer = _accumulate_and_place(optimizer, config)
     state = init_train_state(lora, optimizer)
     if device_mesh is not None:
         state, params = sharding.shard_train_state(state, params, device_mesh)
@@ -177,18 +209,16 @@ def prepare_run(args: FinetuneArgs) -> Run:
         base,
         optimizer,
         compute_dtype=compute_dtype,
-        remat="nothing_saveable" if args.remat else None,
-        scan_layers=args.scan_layers,
+        remat="nothing_saveable" if m.remat else None,
+        scan_layers=m.scan_layers,
         skip_nonfinite=True,
     )
+    os.makedirs(out.dir, exist_ok=True)
+    config_lib.write_file(config, os.path.join(out.dir, config_lib.CONFIG_FILE))
     run = Run(
-        args=args,
-        data=data,
+        config=config,
         steps=steps,
-        warmup_steps=warmup_steps,
-        compute_dtype=compute_dtype,
-        lora_config=lora_config,
-        run_args=run_args,
+        schedule=schedule,
         tokenizer=tokenizer,
         pad_id=pad_id,
         train_set=train_set,
@@ -198,59 +228,40 @@ def prepare_run(args: FinetuneArgs) -> Run:
         base=base,
         params=params,
         step_fn=step_fn,
-        eval_fn=make_eval_fn(base, compute_dtype, scan_layers=args.scan_layers),
-        sample_ids=_prompt_of(eval_set[0] if eval_set else train_set[0]) if args.sample else None,
+        eval_fn=make_eval_fn(base, compute_dtype, scan_layers=m.scan_layers),
+        sample_ids=_prompt_of(eval_set[0] if eval_set else train_set[0]) if out.sample else None,
         state=state,
-        rng=jax.random.key(args.seed + 1),
+        rng=jax.random.key(loop.seed + 1),
+        start_step=0,
+        record=RunRecord(),
+        log=log,
     )
-    if latest:
-        _resume(run, latest)
-    else:
-        _start(run)
-    run.meta["args"] = run_args
-    run.meta.setdefault("skipped_steps", [])
-    run.meta.setdefault("nonfinite_streak", 0)
-    return run
+    return _resume(run, latest) if latest else _start(run)
 
 
-def _make_mesh(args: FinetuneArgs):
-    """The device mesh of ``args.mesh`` (None: one device), checked against the batch size."""
-    if args.mesh is None:
+def _make_mesh(config: FinetuneConfig, log):
+    """The device mesh of ``loop.mesh`` (None: one device), checked against the batch size."""
+    if config.loop.mesh is None:
         return None
-    device_mesh = sharding.make_mesh(args.mesh)
-    if args.batch_size % sharding.batch_shards(device_mesh):
+    device_mesh = sharding.make_mesh(config.loop.mesh)
+    batch_size = config.data.batch_size
+    if batch_size % sharding.batch_shards(device_mesh):
         raise ValueError(
-            f"batch_size {args.batch_size} does not divide over the batch axes of mesh "
+            f"batch_size {batch_size} does not divide over the batch axes of mesh "
             f"{dict(device_mesh.shape)}"
         )
-    args.log(f"mesh: {dict(device_mesh.shape)}")
+    log(f"mesh: {dict(device_mesh.shape)}")
     return device_mesh
 
 
-def _load_base(path: str, quant: str, progress: bool, place=None):
-    """``(model, params)`` of the base model, 4-bit unless ``quant == "none"``; ``place``
-    puts each tensor onto its shards as it loads (``jqlora.sharding.placer``)."""
-    from jqlora import QuantConfig, load_hf
-
-    quantization = None if quant == "none" else QuantConfig(quant_type=quant, double_quant=True)
-    return load_hf(
-        path,
-        quantization=quantization,
-        dtype=jnp.float32,
-        progress=None if progress else False,
-        place=place,
-    )
-
-
-def _make_optimizer(args: FinetuneArgs, warmup_steps: int) -> optax.GradientTransformation:
-    """AdamW on the schedule with clipping; accumulated over ``grad_accum`` micro-batches
-    and its state kept in host memory where asked."""
-    optimizer = make_optimizer(
-        make_schedule(args.lr, warmup_steps), max_grad_norm=args.max_grad_norm
-    )
-    if args.grad_accum > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=args.grad_accum)
-    if args.offload_optimizer:
+def _accumulate_and_place(
+    optimizer: optax.GradientTransformation, config: FinetuneConfig
+) -> optax.GradientTransformation:
+    """``optimizer`` accumulated over ``grad_accum`` micro-batches, and its state kept in
+    host memory where asked."""
+    if config.loop.grad_accum > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.loop.grad_accum)
+    if config.optim.offload:
         from jqlora.train.offload import offload
 
         optimizer = offload(optimizer)
@@ -263,44 +274,47 @@ def _prompt_of(example: data_lib.Example) -> np.ndarray:
     return example.input_ids[:first]
 
 
-def _resume(run: Run, latest: str) -> None:
-    """``run`` at the step, state, dropout key and meta of checkpoint ``latest``;
+def _resume(run: Run, latest: str) -> Run:
+    """``run`` at the step, state, dropout key and record of checkpoint ``latest``;
     metrics.jsonl cut back to that step."""
-    restored, run.start_step, run.meta = ckpt.restore_checkpoint(
+    restored, start_step, meta = ckpt.restore_checkpoint(
         latest, {"state": run.state, "rng": run.rng}
     )
-    run.state, run.rng = restored["state"], restored["rng"]
+    state, params = restored["state"], run.params
     if run.device_mesh is not None:
-        run.state, run.params = sharding.shard_train_state(run.state, run.params, run.device_mesh)
-    _truncate_metrics(run.metrics_path, run.start_step)
-    run.args.log(f"resuming from {latest} (step {run.start_step})")
+        state, params = sharding.shard_train_state(state, params, run.device_mesh)
+    _truncate_metrics(run.metrics_path, start_step)
+    run.log(f"resuming from {latest} (step {start_step})")
+    return dataclasses.replace(
+        run,
+        state=state,
+        params=params,
+        rng=restored["rng"],
+        start_step=start_step,
+        record=RunRecord.from_meta(meta),
+    )
 
 
-def _start(run: Run) -> None:
+def _start(run: Run) -> Run:
     """An empty metrics.jsonl, and the base model's eval loss and sample answer in
-    ``run.meta`` for the report."""
-    args = run.args
-    os.makedirs(args.out, exist_ok=True)
+    ``run.record`` for the report."""
+    sample = run.config.output.sample
     open(run.metrics_path, "w").close()
     first = [f"evaluating the base model on {len(run.eval_set)} held-out examples"]
-    first = first * bool(run.eval_set) + ["sampling an answer"] * args.sample
+    first = first * bool(run.eval_set) + ["sampling an answer"] * sample
     if first:
-        args.log(
+        run.log(
             " and ".join(first) + " (XLA compiles these programs first; later calls reuse them)"
         )
     lora = run.state.lora
-    run.meta = {
-        "eval_loss_before": run.eval_loss(lora),
-        "sample_before": None,
-        "train_time_s": 0.0,
-        "timed_tokens": 0,
-        "timed_s": 0.0,
-    }
-    if args.sample:
+    record = run.record
+    record.eval_loss_before = run.eval_loss(lora)
+    if sample:
         # B = 0 at init: the adapted model is the base model, and the program is the one
         # the sample after training reuses (one compilation instead of two).
-        run.meta["sample_before"] = run.sample_answer(lora)
-    args.log(f"eval loss before: {report_lib.format_loss(run.meta['eval_loss_before'])}")
+        record.sample_before = run.sample_answer(lora)
+    run.log(f"eval loss before: {report_lib.format_loss(record.eval_loss_before)}")
+    return run
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -1,82 +1,20 @@
-"""The arguments of a fine-tuning run (see ``jqlora.train.loop``): their defaults, their
-checks, what they resolve to, and what a resumed run must agree on with its checkpoint."""
+"""What a run's configuration resolves to (the data file, the model file, the number of
+steps, the compute dtype, the warm-up), and what a resumed run must agree on with the run
+it continues (``OUT/config.yaml``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import yaml
+
+from jqlora.app import config as config_lib
+from jqlora.app.config import DEFAULT_MODEL, DEFAULT_STEPS, FinetuneConfig
 from jqlora.train import checkpoint as ckpt
 from jqlora.train import data as data_lib
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_STEPS = 40  # the house style has taken by then on SmolLM2-135M (eval loss 2.90 -> 0.36)
-DEFAULT_OUT = os.path.join("runs", "smollm2-house-style")
-# Arguments that must agree between a run and the checkpoint it resumes from.
-_RESUME_KEYS = (
-    "model",
-    "data",
-    "batch_size",
-    "grad_accum",
-    "seq_len",
-    "lr",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "quant",
-    "offload_optimizer",
-    "remat",
-    "scan_layers",
-    "seed",
-    "warmup_steps",
-    "eval_fraction",
-    "max_grad_norm",
-    "compute_dtype",
-)
-# Settings newer than some checkpoints: those checkpoints were written with these values.
-_ADDED_LATER = {"scan_layers": False}
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneArgs:
-    """The arguments of one ``finetune`` call, as given (``finetune`` documents each)."""
-
-    model: str
-    data: str | None
-    out: str
-    steps: int | None
-    epochs: float | None
-    batch_size: int
-    grad_accum: int
-    seq_len: int
-    lr: float
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: Any
-    quant: str
-    offload_optimizer: bool
-    remat: bool
-    scan_layers: bool
-    eval_every: int
-    save_every: int
-    resume: bool
-    seed: int
-    warmup_steps: int | None
-    eval_fraction: float
-    max_grad_norm: float
-    compute_dtype: Any
-    mesh: Any
-    on_nonfinite: str
-    sample: bool
-    max_new_tokens: int
-    progress: bool
-    log: Callable[[str], object]
 
 
 def default_data_path() -> str:
@@ -97,41 +35,13 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def check_args(args: FinetuneArgs) -> None:
-    """Raises ``ValueError`` for an argument out of range, before anything loads."""
-    if args.steps is not None and args.epochs is not None:
-        raise ValueError("give steps or epochs, not both")
-    for name, v in (
-        ("batch_size", args.batch_size),
-        ("grad_accum", args.grad_accum),
-        ("eval_every", args.eval_every),
-        ("save_every", args.save_every),
-    ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    steps = args.steps
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    for name, x in (
-        ("lr", args.lr),
-        ("epochs", args.epochs),
-        ("max_grad_norm", args.max_grad_norm),
-    ):
-        if x is not None and not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-    if args.quant not in ("nf4", "fp4", "none"):
-        raise ValueError(f"quant must be nf4, fp4 or none, got {args.quant!r}")
-    if args.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {args.on_nonfinite!r}")
-
-
-def total_steps(args: FinetuneArgs, stream: data_lib.BatchStream) -> int:
-    """``args.steps``, or ``args.epochs`` over the training set in updates, or DEFAULT_STEPS."""
-    if args.steps is not None:
-        steps = args.steps
-    elif args.epochs is not None:
-        updates_per_epoch = -(-stream.batches_per_epoch // args.grad_accum)
-        steps = max(1, round(args.epochs * updates_per_epoch))
+def total_steps(loop: config_lib.LoopConfig, stream: data_lib.BatchStream) -> int:
+    """``loop.steps``, or ``loop.epochs`` over the training set in updates, or DEFAULT_STEPS."""
+    if loop.steps is not None:
+        steps = loop.steps
+    elif loop.epochs is not None:
+        updates_per_epoch = -(-stream.batches_per_epoch // loop.grad_accum)
+        steps = max(1, round(loop.epochs * updates_per_epoch))
     else:
         steps = DEFAULT_STEPS
     if steps < 1:
@@ -139,47 +49,56 @@ def total_steps(args: FinetuneArgs, stream: data_lib.BatchStream) -> int:
     return steps
 
 
-def checkpointed_args(
-    args: FinetuneArgs, data: str, warmup_steps: int, compute_dtype
-) -> dict[str, Any]:
-    """The settings a checkpoint records, as JSON values."""
-    target_modules = args.target_modules
-    return dict(
-        model=args.model,
-        data=os.path.abspath(data),
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-        quant=args.quant,
-        offload_optimizer=args.offload_optimizer,
-        remat=args.remat,
-        scan_layers=args.scan_layers,
-        seed=args.seed,
-        warmup_steps=warmup_steps,
-        eval_fraction=args.eval_fraction,
-        max_grad_norm=args.max_grad_norm,
-        compute_dtype=compute_dtype.name,
+def resolve(config: FinetuneConfig, data: str, steps: int, compute_dtype) -> FinetuneConfig:
+    """``config`` with what its defaults stand for written out: the data file's absolute
+    path, the compute dtype, the warm-up (3 % of ``steps``, at least 1): the settings
+    config.yaml records, with which ``--config`` repeats the run."""
+    warmup = config.schedule.warmup_steps
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, path=os.path.abspath(data)),
+        model=dataclasses.replace(config.model, compute_dtype=compute_dtype.name),
+        schedule=dataclasses.replace(
+            config.schedule, warmup_steps=max(1, round(0.03 * steps)) if warmup is None else warmup
+        ),
     )
 
 
-def checkpoint_to_resume(args: FinetuneArgs, run_args: dict[str, Any]) -> str | None:
-    """The newest checkpoint in ``args.out`` when resuming (None: start afresh); raises
-    ``ValueError`` for checkpoints a run would overwrite or cannot continue from."""
-    latest = ckpt.latest_checkpoint(os.path.join(args.out, "checkpoints"))
-    if latest and not args.resume:
+def checkpoint_to_resume(config: FinetuneConfig) -> str | None:
+    """The newest checkpoint in the output directory when resuming (None: start afresh).
+
+    Raises ``ValueError`` where the directory holds checkpoints and ``resume`` is off, or
+    where ``config`` (resolved) differs from the run's ``config.yaml`` in an option a
+    resumed run must keep; the message names each such option."""
+    out = config.output.dir
+    latest = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
+    if latest and not config.loop.resume:
         raise ValueError(
-            f"{args.out} already holds checkpoints of a run; pass resume=True (--resume) or another output directory"
+            f"{out} already holds checkpoints of a run; pass resume=True (--resume) or another output directory"
         )
     if latest:
-        saved = {**_ADDED_LATER, **ckpt.read_meta(latest)["args"]}
-        diff = {k: (saved.get(k), run_args[k]) for k in _RESUME_KEYS if saved.get(k) != run_args[k]}
+        saved = read_saved_config(out)
+        diff = config_lib.differences(saved, config)
         if diff:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
-                f"{latest}: cannot resume with different settings (saved, now): {diff}"
+                f"{latest}: cannot resume with different settings than "
+                f"{os.path.join(out, config_lib.CONFIG_FILE)} (saved -> now): {listed}"
             )
     return latest
+
+
+def read_saved_config(out: str) -> dict[str, Any]:
+    """The options a run in ``out`` wrote to its config.yaml."""
+    path = os.path.join(out, config_lib.CONFIG_FILE)
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"{out} holds checkpoints but no {config_lib.CONFIG_FILE}: its settings are unknown, "
+            "so it cannot be resumed"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a mapping of option: value")
+    return saved
