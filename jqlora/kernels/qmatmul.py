@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +44,11 @@ def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
         raise ValueError(
             f"qmatmul: unknown backend {choice!r} (from backend= or ${ENV_VAR}); expected one of {BACKENDS}"
         )
-    platform = jax.default_backend()
+    where = platform()
     if choice is None:
-        choice = "pallas_tpu" if platform == "tpu" else "xla"
+        choice = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(where, "xla")
     elif choice == "pallas":
-        choice = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+        choice = "pallas_tpu" if where == "tpu" else "pallas_gpu"
     if choice != "xla" and not kernel_supports(w):
         return "xla"
     return choice
@@ -61,19 +60,37 @@ def kernel_supports(w: QuantizedTensor) -> bool:
     return w.codes.ndim == 2 and w.shape[1] % w.blocksize == 0
 
 
-def _kernels(backend: str):
-    """``(matmul, matmul_t)`` of a back end; Pallas runs interpreted on a CPU."""
+def platform() -> str:
+    """The platform the kernels are built for (`jax.default_backend`); tests that lower for
+    a GPU on a CPU patch this, so that kernels are compiled rather than interpreted."""
+    return jax.default_backend()
+
+
+def _kernels(backend: str, m: int):
+    """``(matmul, matmul_t)`` of a back end for ``m`` activation rows.
+
+    The GPU's kernel and tiles come from its row of `gpu_tiles.TABLES` for ``m`` and the
+    direction: the only place a GPU product is routed. Pallas runs interpreted on a CPU.
+    """
     if backend == "xla":
         return xla.matmul, xla.matmul_t
-    interpret = jax.default_backend() == "cpu"
-    mod: types.ModuleType  # imported lazily: each Pallas back end imports its own jax modules
+    interpret = platform() == "cpu"
     if backend == "pallas_gpu":
-        from jqlora.kernels import pallas_gpu as mod
-    else:
-        from jqlora.kernels import pallas_tpu as mod
+        from jqlora.kernels import gpu_tiles, pallas_gpu  # lazily: Triton's jax modules
+
+        return (
+            functools.partial(
+                pallas_gpu.matmul, route=gpu_tiles.route(m, "fwd"), interpret=interpret
+            ),
+            functools.partial(
+                pallas_gpu.matmul_t, route=gpu_tiles.route(m, "bwd"), interpret=interpret
+            ),
+        )
+    from jqlora.kernels import pallas_tpu
+
     return (
-        functools.partial(mod.matmul, interpret=interpret),
-        functools.partial(mod.matmul_t, interpret=interpret),
+        functools.partial(pallas_tpu.matmul, interpret=interpret),
+        functools.partial(pallas_tpu.matmul_t, interpret=interpret),
     )
 
 
@@ -87,15 +104,15 @@ def _zero_cotangent(a):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _qmatmul_2d(x: jax.Array, w: QuantizedTensor, dtype, backend: str) -> jax.Array:
-    return _kernels(backend)[0](x, w, dtype)
+    return _kernels(backend, x.shape[0])[0](x, w, dtype)
 
 
 def _fwd(x, w, dtype, backend):
-    return _kernels(backend)[0](x, w, dtype), w
+    return _kernels(backend, x.shape[0])[0](x, w, dtype), w
 
 
 def _bwd(dtype, backend, w, dy):
-    dx = _kernels(backend)[1](dy, w, dtype)
+    dx = _kernels(backend, dy.shape[0])[1](dy, w, dtype)
     return dx, jax.tree.map(_zero_cotangent, w)
 
 
