@@ -38,46 +38,62 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _lookup(codes_ref, book_ref, n0, k0, *, bn: int, bk: int, n: int, k: int):
+def _edge_mask(rows, n_rows: int, cols, n_cols: int, ragged: tuple[bool, bool]):
+    """``rows < n_rows`` and ``cols < n_cols`` as a 2-D mask, tested only along the axes
+    whose tiles can run past the edge (``ragged``); None when neither can."""
+    shape = (rows.shape[0], cols.shape[0])
+    parts = [
+        jnp.broadcast_to(live, shape)
+        for live, check in (((rows < n_rows)[:, None], ragged[0]), ((cols < n_cols)[None], ragged[1]))
+        if check
+    ]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
+def _masked_load(ref, mask):
+    """``ref``'s tile, zeros where ``mask`` is false (no mask: all of it)."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+
+
+def _lookup(codes_ref, book_ref, n0, k0, *, bn: int, bk: int, n: int, k: int, ragged):
     """``(hi, lo)``: the code-book values of ``W[n0 : n0 + bn, k0 : k0 + bk]``'s even and
     odd columns, each ``[bn, bk / 2]`` float32 (padding codes read as 0)."""
     rows = n0 + jnp.arange(bn)
     cols = k0 // 2 + jnp.arange(bk // 2)
-    packed = plgpu.load(
-        codes_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)],
-        mask=(rows < n)[:, None] & (cols < k // 2)[None, :],
-        other=0,
+    packed = _masked_load(
+        codes_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)], _edge_mask(rows, n, cols, k // 2, ragged)
     ).astype(jnp.int32)
     return book_ref[packed >> 4], book_ref[packed & 0xF]
 
 
-def _scales(scale_refs, n0, k0, *, bn: int, bk: int, n: int, k: int, blocksize: int):
+def _scales(scale_refs, n0, k0, *, bn: int, bk: int, n: int, k: int, blocksize: int, ragged):
     """``[bn, bk / blocksize]`` float32 scales of the tile's blocks (clamped at the edges)."""
     per_row = k // blocksize
-    rows = jnp.minimum(n0 + jnp.arange(bn), n - 1)
-    cols = jnp.minimum(k0 // blocksize + jnp.arange(bk // blocksize), per_row - 1)
+    rows = n0 + jnp.arange(bn)
+    cols = k0 // blocksize + jnp.arange(bk // blocksize)
+    rows = jnp.minimum(rows, n - 1) if ragged[0] else rows
+    cols = jnp.minimum(cols, per_row - 1) if ragged[1] else cols
     return block_scales(scale_refs, rows[:, None] * per_row + cols[None, :])
 
 
-def _load_rows(ref, c0, *, pm: int, m: int, width: int, limit: int):
+def _load_rows(ref, c0, *, pm: int, m: int, width: int, limit: int, ragged: bool):
     """``ref[:pm, c0 : c0 + width]`` as float32, zero past ``m`` rows or ``limit`` columns."""
-    cols = c0 + jnp.arange(width)
-    mask = (jnp.arange(pm) < m)[:, None] & (cols < limit)[None, :]
-    return plgpu.load(ref.at[pl.ds(0, pm), pl.ds(c0, width)], mask=mask, other=0).astype(
-        jnp.float32
-    )
+    mask = _edge_mask(jnp.arange(pm), m, c0 + jnp.arange(width), limit, (pm > m, ragged))
+    return _masked_load(ref.at[pl.ds(0, pm), pl.ds(c0, width)], mask).astype(jnp.float32)
 
 
-def _forward_kernel(x_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps, pm):
+def _forward_kernel(x_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps, pm, ragged):
     *scale_refs, out_ref = refs
     bn, bk = tiles.bn, tiles.bk
     n0 = pl.program_id(0) * bn
     split = pl.program_id(1)
-    geometry = dict(bn=bn, bk=bk, n=n, k=k)
+    geometry = dict(bn=bn, bk=bk, n=n, k=k, ragged=ragged)
 
     def step(t, acc):
         k0 = (split * steps + t) * bk
-        x = _load_rows(x_ref, k0, pm=pm, m=m, width=bk, limit=k)
+        x = _load_rows(x_ref, k0, pm=pm, m=m, width=bk, limit=k, ragged=ragged[1])
         x_even, x_odd = jax.lax.unstack(x.reshape(pm, bk // 2, 2), axis=2)
         hi, lo = _lookup(codes_ref, book_ref, n0, k0, **geometry)
         prod = hi[None] * x_even[:, None] + lo[None] * x_odd[:, None]  # [pm, bn, bk / 2]
@@ -94,17 +110,17 @@ def _forward_kernel(x_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps
     )
 
 
-def _backward_kernel(dy_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps, pm):
+def _backward_kernel(dy_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps, pm, ragged):
     *scale_refs, out_ref = refs
     bn, bk = tiles.bn, tiles.bk
     k0 = pl.program_id(0) * bk
     split = pl.program_id(1)
-    geometry = dict(bn=bn, bk=bk, n=n, k=k)
+    geometry = dict(bn=bn, bk=bk, n=n, k=k, ragged=ragged)
 
     def step(t, acc):
         acc_even, acc_odd = acc
         n0 = (split * steps + t) * bn
-        dy = _load_rows(dy_ref, n0, pm=pm, m=m, width=bn, limit=n)  # [pm, bn]
+        dy = _load_rows(dy_ref, n0, pm=pm, m=m, width=bn, limit=n, ragged=ragged[0])
         hi, lo = _lookup(codes_ref, book_ref, n0, k0, **geometry)
         scale = _scales(scale_refs, n0, k0, blocksize=bs, **geometry)  # [bn, bk / bs]
         t_blocks = dy[:, :, None] * scale[None]  # [pm, bn, bk / bs]
@@ -146,11 +162,22 @@ def _call(kernel, a, w: QuantizedTensor, dtype, tiles: GemvTiles, interpret: boo
     splits = max(1, min(total_steps, pl.cdiv(tiles.programs, owners)))
     steps = pl.cdiv(total_steps, splits)
     splits = pl.cdiv(total_steps, steps)  # no empty split
+    own_ragged = own % tile_own != 0
+    walk_ragged = splits * steps * tile_walk != walk
+    ragged = (own_ragged, walk_ragged) if fwd else (walk_ragged, own_ragged)  # (N, K) axes
     operands = vary_alike(
         a.astype(dtype), w.codes, book_operand(w.quant_type), *scale_operands(w)
     )
     body = functools.partial(
-        kernel, m=m, n=n, k=k, bs=w.blocksize, tiles=tiles, steps=steps, pm=_pow2_ceil(m)
+        kernel,
+        m=m,
+        n=n,
+        k=k,
+        bs=w.blocksize,
+        tiles=tiles,
+        steps=steps,
+        pm=_pow2_ceil(m),
+        ragged=ragged,
     )
     parts = pl.pallas_call(
         body,

@@ -42,15 +42,15 @@ class Route(NamedTuple):
 
 
 KERNELS = ("gemv", "dequant")
-_ANY_M = 1 << 62
+ANY_M = 1 << 62
 _STARTING_POINT = {
     "fwd": (
         Route(4, "gemv", GemvTiles(bn=4, bk=512, programs=1024, num_warps=4)),
-        Route(_ANY_M, "dequant", DequantTiles(elements=8192, num_warps=4)),
+        Route(ANY_M, "dequant", DequantTiles(elements=8192, num_warps=4)),
     ),
     "bwd": (
         Route(4, "gemv", GemvTiles(bn=16, bk=256, programs=1024, num_warps=4)),
-        Route(_ANY_M, "dequant", DequantTiles(elements=8192, num_warps=4)),
+        Route(ANY_M, "dequant", DequantTiles(elements=8192, num_warps=4)),
     ),
 }
 #: GPU name -> direction -> routes. ``--tune`` output replaces a GPU's entry.
