@@ -69,7 +69,7 @@ def random_nf4(key, n: int, k: int, blocksize: int = 64) -> QuantizedTensor:
     )
 
 
-def methods(backend: str, backward: bool = False):
+def methods(backend: str, backward: bool = False, names=None):
     """name -> (prepare(weight_qt) -> operand, f(a, operand), bytes of the operand).
 
     Forward ``a = x [M, K]``: ``x @ W.T``. Backward ``a = dy [M, N]``: ``dx = dy @ W``, the
@@ -85,12 +85,13 @@ def methods(backend: str, backward: bool = False):
         fused = lambda x, q: qmatmul(x, q, backend=backend)
         chunked = lambda x, q: qmatmul(x, q, backend="xla")
         dot = lambda a, w: jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(bf16)
-    return {
+    every = {
         "jqlora": (lambda q: q, fused, lambda q: q.nbytes),
         "dot": (lambda q: dequantize(q, bf16), dot, lambda w: w.size * 2),
         "deq+dot": (lambda q: q, lambda a, q: dot(a, dequantize(q, bf16)), lambda q: q.nbytes),
         "xla-chunked": (lambda q: q, chunked, lambda q: q.nbytes),
     }
+    return {name: every[name] for name in names or every}
 
 
 def check_correctness(ms, backend: str, smoke: bool) -> None:
@@ -129,7 +130,7 @@ def time_call(f, args_list, reps: int) -> float:
     return statistics.median(times) / len(args_list)
 
 
-def bench(ms, shapes, backend: str, reps: int, backward: bool = False) -> list[dict]:
+def bench(ms, shapes, backend: str, reps: int, backward: bool = False, names=None) -> list[dict]:
     rows = []
     for model, proj, k, n in shapes:
         nf4_bytes = n * k // 2
@@ -142,7 +143,7 @@ def bench(ms, shapes, backend: str, reps: int, backward: bool = False) -> list[d
             ]
             kernel = gpu_tiles.route(m, "bwd" if backward else "fwd").kernel
             row = dict(model=model, proj=proj, m=m, k=k, n=n, kernel=kernel)
-            for name, (prep, f, nbytes) in methods(backend, backward).items():
+            for name, (prep, f, nbytes) in methods(backend, backward, names).items():
                 operands = [prep(w) for w in weights]
                 t = time_call(f, list(zip(xs, operands, strict=True)), reps)
                 moved = nbytes(operands[0]) + 2 * m * (k + n)
@@ -161,6 +162,10 @@ HEADER = (
 )
 
 
+def _us(row: dict, name: str) -> str:
+    return f"{row[name]['us']:.1f}" if name in row else "-"
+
+
 def format_row(r: dict) -> str:
     fused, dot = r["jqlora"], r["dot"]
     speedup = dot["us"] / fused["us"]
@@ -171,8 +176,8 @@ def format_row(r: dict) -> str:
     return (
         f"| {r['model']} | {r['proj']} | {r['m']} | {r['k']} | {r['n']} | {r['kernel']} | "
         f"{fused['us']:.1f} | "
-        f"{fused['tflops']:.1f} | {fused['gbps']:.0f} | {dot['us']:.1f} | {r['deq+dot']['us']:.1f} | "
-        f"{r['xla-chunked']['us']:.1f} | {speedup:.2f}x | {verdict} | "
+        f"{fused['tflops']:.1f} | {fused['gbps']:.0f} | {dot['us']:.1f} | {_us(r, 'deq+dot')} | "
+        f"{_us(r, 'xla-chunked')} | {speedup:.2f}x | {verdict} | "
         f"{100 * fused['tflops'] / PEAK_TFLOPS:.0f}% | {100 * fused['gbps'] / PEAK_GBPS:.0f}% |"
     )
 
@@ -180,20 +185,16 @@ def format_row(r: dict) -> str:
 GEMV_CANDIDATES = [
     gpu_tiles.GemvTiles(bn, bk, programs, warps)
     for bn, bk, programs, warps in [
-        (2, 512, 1024, 4),
         (4, 256, 1024, 4),
         (4, 512, 1024, 4),
-        (4, 512, 2048, 4),
-        (4, 1024, 512, 8),
-        (8, 256, 1024, 4),
+        (4, 512, 2048, 8),
         (16, 256, 1024, 4),
-        (16, 256, 2048, 8),
-        (32, 128, 1024, 4),
+        (32, 128, 2048, 8),
     ]
 ]
 DEQUANT_CANDIDATES = [
     gpu_tiles.DequantTiles(elements, warps)
-    for elements, warps in [(2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8), (32768, 8)]
+    for elements, warps in [(4096, 4), (8192, 4), (16384, 8), (32768, 8)]
 ]
 
 
@@ -208,8 +209,13 @@ def tune(ms, shapes, reps: int, interpret: bool) -> None:
         for direction, f in (("fwd", pallas_gpu.matmul), ("bwd", pallas_gpu.matmul_t)):
             for m in ms:
                 cols = k if direction == "fwd" else n
-                xs = [jax.random.normal(jax.random.key(100 + i), (m, cols), bf16) for i in range(copies)]
-                candidates = [("dequant", t) for t in DEQUANT_CANDIDATES[: 2 if interpret else None]]
+                xs = [
+                    jax.random.normal(jax.random.key(100 + i), (m, cols), bf16)
+                    for i in range(copies)
+                ]
+                candidates = [
+                    ("dequant", t) for t in DEQUANT_CANDIDATES[: 2 if interpret else None]
+                ]
                 if m <= 64:
                     candidates += [("gemv", t) for t in GEMV_CANDIDATES[: 2 if interpret else None]]
                 for kernel, tiles in candidates:
@@ -217,8 +223,12 @@ def tune(ms, shapes, reps: int, interpret: bool) -> None:
                     g = lambda a, w, route=route, f=f: f(a, w, bf16, route, interpret=interpret)
                     try:
                         t = time_call(g, list(zip(xs, weights, strict=True)), reps)
-                    except Exception as e:  # a tile set the compiler refuses (shared memory, registers)
-                        print(f"  {direction} M={m} {kernel} {tiles}: {type(e).__name__}", flush=True)
+                    except (
+                        Exception
+                    ) as e:  # a tile set the compiler refuses (shared memory, registers)
+                        print(
+                            f"  {direction} M={m} {kernel} {tiles}: {type(e).__name__}", flush=True
+                        )
                         continue
                     totals = best.setdefault((direction, m), {})
                     totals[(kernel, tiles)] = totals.get((kernel, tiles), 0.0) + t
@@ -231,7 +241,9 @@ def tune(ms, shapes, reps: int, interpret: bool) -> None:
         winners = {m: min(best[(direction, m)].items(), key=lambda kv: kv[1])[0] for m in ms}
         gemv_ms = [m for m in ms if winners[m][0] == "gemv"]
         # GEMV up to the largest M it won with no dequantize win below it.
-        cross = max((m for m in gemv_ms if all(winners[j][0] == "gemv" for j in ms if j <= m)), default=0)
+        cross = max(
+            (m for m in gemv_ms if all(winners[j][0] == "gemv" for j in ms if j <= m)), default=0
+        )
         rows = []
         if cross:
             rows.append(f"Route({cross}, 'gemv', {winners[cross][1]!r})")
@@ -265,6 +277,10 @@ def main(argv=None) -> None:
     p.add_argument("--tune", action="store_true", help="first sweep the GPU kernels' tiles per M")
     p.add_argument("--memory", action="store_true", help="only the compiled-scratch comparison")
     p.add_argument("--backward", action="store_true", help="also time dx = dy @ W")
+    p.add_argument("--no-table", action="store_true", help="no timing table (with --tune)")
+    p.add_argument(
+        "--methods", default="jqlora,dot,deq+dot,xla-chunked", help="comma-separated columns"
+    )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--m", type=int, nargs="*", default=list(MS))
     p.add_argument("--models", default="7B,70B", help="comma-separated subset of 7B,70B")
@@ -286,12 +302,13 @@ def main(argv=None) -> None:
     check_correctness(ms, "pallas", args.smoke)
     if args.tune:
         tune(ms, shapes[:1], reps, interpret=args.smoke)  # 7B q/k/v: one shape, in time
-    print(HEADER)
-    bench(ms, shapes, "pallas", reps)
-    if args.backward:
-        print("\nbackward, dx = dy @ W (same columns)")
+    if args.no_table:
+        return
+    names = args.methods.split(",")
+    for backward in (False, True) if args.backward else (False,):
+        print("\nbackward, dx = dy @ W (same columns)" if backward else "\nforward, y = x @ W.T")
         print(HEADER)
-        bench(ms, shapes, "pallas", reps, backward=True)
+        bench(ms, shapes, "pallas", reps, backward=backward, names=names)
 
 
 if __name__ == "__main__":

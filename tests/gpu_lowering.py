@@ -7,18 +7,15 @@ import re
 
 import jax
 
+from jqlora.kernels.qmatmul import lowering_for_gpu
+
 TRITON = "__gpu$xla.gpu.triton"
 
 
 def lowered_text(f, *args, platform: str) -> str:
-    """StableHLO text of ``jax.jit(f)`` lowered for ``platform`` ("cuda" or "tpu")."""
-    target = contextlib.nullcontext()
-    if platform == "cuda" and jax.default_backend() != "gpu":
-        # jax >= 0.11 lowers a Triton kernel only for a known GPU: name one when none is here.
-        device = jax.sharding.AbstractDevice("NVIDIA H100", None, "gpu")
-        target = jax.sharding.use_abstract_mesh(
-            jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
-        )
+    """StableHLO text of ``jax.jit(f)`` lowered for ``platform`` ("cuda" or "tpu"); for
+    "cuda", traced as for a GPU (`qmatmul.lowering_for_gpu`)."""
+    target = lowering_for_gpu() if platform == "cuda" else contextlib.nullcontext()
     with target:
         return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 

@@ -9,8 +9,6 @@ runs the compiled kernels on a real GPU.
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +20,6 @@ from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 from jqlora.kernels import gpu_gemv, gpu_tiles, pallas_gpu, qmatmul
 from jqlora.quant import dequantize, quantize
 from jqlora.train.step import init_train_state, make_train_step
-
-# The module, not the function `jqlora.kernels` exports under the same name: tests that
-# lower for a GPU on this CPU patch its `platform`, so kernels compile, not interpret.
-QMATMUL_MODULE = sys.modules["jqlora.kernels.qmatmul"]
 
 GEMV = gpu_tiles.Route(4, "gemv", gpu_tiles.GemvTiles(bn=4, bk=256, programs=8, num_warps=4))
 GEMV_T = gpu_tiles.Route(4, "gemv", gpu_tiles.GemvTiles(bn=8, bk=256, programs=8, num_warps=4))
@@ -92,7 +86,7 @@ def test_dequantize_kernel_equals_xla_dequantize():
             )
 
 
-def test_qmatmul_routes_by_m_and_differentiates(monkeypatch):
+def test_qmatmul_routes_by_m_and_differentiates():
     """Through `qmatmul` and jax.grad on the GPU back end (interpreted): the table's route
     for each M, forward and dx, against the XLA back end."""
     qt = quantize(jax.random.normal(jax.random.key(0), (48, 256)), "nf4", 64, True)
@@ -100,14 +94,13 @@ def test_qmatmul_routes_by_m_and_differentiates(monkeypatch):
         x = jax.random.normal(jax.random.key(m), (m, 256))
         ct = jax.random.normal(jax.random.key(m + 1), (m, 48))
 
-        def value_and_dx(backend):
+        def value_and_dx(backend, x, ct):
             loss = lambda x: jnp.sum(qmatmul(x, qt, backend=backend) * ct)
             return qmatmul(x, qt, backend=backend), jax.grad(loss)(x)
 
-        (y, dx), (y_ref, dx_ref) = value_and_dx("pallas_gpu"), value_and_dx("xla")
+        (y, dx), (y_ref, dx_ref) = (value_and_dx(b, x, ct) for b in ("pallas_gpu", "xla"))
         assert rel_err(y, np.asarray(y_ref, np.float64)) < 2e-6
         assert rel_err(dx, np.asarray(dx_ref, np.float64)) < 2e-6
-    monkeypatch.setattr(QMATMUL_MODULE, "platform", lambda: "gpu")
     text = lowered_text(lambda x: qmatmul(x, qt), jnp.ones((1, 256)), platform="cuda")
     assert triton_kernel_names(text) == ["gemv_nf4"]
     text = lowered_text(lambda x: qmatmul(x, qt), jnp.ones((64, 256)), platform="cuda")
@@ -148,7 +141,11 @@ def _body_ops(jaxpr, out):
     for eqn in jaxpr.eqns:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             _body_ops(sub, out)
-        if eqn.primitive.name in LAYOUT | STREAMING or eqn.primitive.name in ("while", "scan", "cond"):
+        if eqn.primitive.name in LAYOUT | STREAMING or eqn.primitive.name in (
+            "while",
+            "scan",
+            "cond",
+        ):
             continue
         arrays = [v.aval for v in [*eqn.invars, *eqn.outvars] if not hasattr(v.aval, "inner_aval")]
         sizes = [int(np.prod(a.shape)) for a in arrays if hasattr(a, "shape")]
@@ -169,7 +166,9 @@ def ops_per_weight(f, *args) -> tuple[float, list]:
     body = call.params["jaxpr"]
     ops = _body_ops(body, [])
     weights = 2 * max(  # the widened packed bytes: one per two weight elements
-        size for name, size, outs in ops if name == "convert_element_type" and outs[0].dtype == jnp.int32
+        size
+        for name, size, outs in ops
+        if name == "convert_element_type" and outs[0].dtype == jnp.int32
     )
     return sum(size for _, size, _ in ops) / weights, ops
 
@@ -187,12 +186,11 @@ def test_kernel_body_does_at_most_six_operations_per_weight(path):
     assert per_weight >= 3  # the count sees the unpacking and the lookup at least
 
 
-def test_train_step_lowers_with_one_dequantize_call_per_projection_and_direction(monkeypatch):
+def test_train_step_lowers_with_one_dequantize_call_per_projection_and_direction():
     """A decoder's QLoRA train step on the GPU back end, lowered for CUDA: every quantized
     projection is one dequantize kernel forward and one backward (batch 2 x 8 = 16 rows,
     past the GEMV rows), plus XLA's dots; no other kernel. The first layer's q, k and v
     need no backward: their dx would only reach the frozen embedding, and jax drops it."""
-    monkeypatch.setattr(QMATMUL_MODULE, "platform", lambda: "gpu")
     model = TinyLM(vocab=64, hidden=64, heads=4, intermediate=128, layers=2)
     params = init_params(model, jax.random.key(0))
     lora = make_lora(jax.random.key(1), params)

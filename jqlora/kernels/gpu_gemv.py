@@ -44,7 +44,10 @@ def _edge_mask(rows, n_rows: int, cols, n_cols: int, ragged: tuple[bool, bool]):
     shape = (rows.shape[0], cols.shape[0])
     parts = [
         jnp.broadcast_to(live, shape)
-        for live, check in (((rows < n_rows)[:, None], ragged[0]), ((cols < n_cols)[None], ragged[1]))
+        for live, check in (
+            ((rows < n_rows)[:, None], ragged[0]),
+            ((cols < n_cols)[None], ragged[1]),
+        )
         if check
     ]
     if not parts:
@@ -63,7 +66,8 @@ def _lookup(codes_ref, book_ref, n0, k0, *, bn: int, bk: int, n: int, k: int, ra
     rows = n0 + jnp.arange(bn)
     cols = k0 // 2 + jnp.arange(bk // 2)
     packed = _masked_load(
-        codes_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)], _edge_mask(rows, n, cols, k // 2, ragged)
+        codes_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)],
+        _edge_mask(rows, n, cols, k // 2, ragged),
     ).astype(jnp.int32)
     return book_ref[packed >> 4], book_ref[packed & 0xF]
 
@@ -165,9 +169,7 @@ def _call(kernel, a, w: QuantizedTensor, dtype, tiles: GemvTiles, interpret: boo
     own_ragged = own % tile_own != 0
     walk_ragged = splits * steps * tile_walk != walk
     ragged = (own_ragged, walk_ragged) if fwd else (walk_ragged, own_ragged)  # (N, K) axes
-    operands = vary_alike(
-        a.astype(dtype), w.codes, book_operand(w.quant_type), *scale_operands(w)
-    )
+    operands = vary_alike(a.astype(dtype), w.codes, book_operand(w.quant_type), *scale_operands(w))
     body = functools.partial(
         kernel,
         m=m,

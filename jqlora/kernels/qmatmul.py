@@ -17,6 +17,7 @@ through in 260 s. It stays available (``backend="pallas"``) until it is tuned.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -60,10 +61,35 @@ def kernel_supports(w: QuantizedTensor) -> bool:
     return w.codes.ndim == 2 and w.shape[1] % w.blocksize == 0
 
 
+_platform_override: list[str] = []
+
+
 def platform() -> str:
-    """The platform the kernels are built for (`jax.default_backend`); tests that lower for
-    a GPU on a CPU patch this, so that kernels are compiled rather than interpreted."""
-    return jax.default_backend()
+    """The platform the kernels are built for: `jax.default_backend`, or "gpu" inside
+    `lowering_for_gpu`."""
+    return _platform_override[-1] if _platform_override else jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for_gpu():
+    """Trace for a GPU on a machine without one (to lower with ``lowering_platforms=("cuda",)``).
+
+    Inside, `qmatmul` takes the GPU kernels, compiled rather than interpreted, and (where
+    no GPU is attached) an abstract H100 is the target: jax >= 0.11 lowers a Triton kernel
+    only for a named GPU.
+    """
+    target = contextlib.nullcontext()
+    if jax.default_backend() != "gpu":
+        device = jax.sharding.AbstractDevice("NVIDIA H100", None, "gpu")
+        target = jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+        )
+    _platform_override.append("gpu")
+    try:
+        with target:
+            yield
+    finally:
+        _platform_override.pop()
 
 
 def _kernels(backend: str, m: int):
