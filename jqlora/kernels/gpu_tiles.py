@@ -43,7 +43,7 @@ class Route(NamedTuple):
 
 KERNELS = ("gemv", "dequant")
 ANY_M = 1 << 62
-_STARTING_POINT = {
+_STARTING_POINT: dict[str, tuple[Route, ...]] = {
     "fwd": (
         Route(4, "gemv", GemvTiles(bn=4, bk=512, programs=1024, num_warps=4)),
         Route(ANY_M, "dequant", DequantTiles(elements=8192, num_warps=4)),

@@ -105,7 +105,7 @@ def matmul(
     ``route``: the kernel and its tiles (`qmatmul` picks it from `gpu_tiles` by M).
     """
     w = xla.local_weight(w)
-    if route.kernel == "gemv":
+    if isinstance(route.tiles, gpu_tiles.GemvTiles):
         return gpu_gemv.matmul(x, w, dtype, tiles=route.tiles, interpret=interpret)
     return xla.matmul(x, w, dtype, dequant=_dequant_fn(route.tiles, interpret))
 
@@ -120,6 +120,6 @@ def matmul_t(
 ) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``: ``[M, K]`` in ``dtype`` (float32 accumulate)."""
     w = xla.local_weight(w)
-    if route.kernel == "gemv":
+    if isinstance(route.tiles, gpu_tiles.GemvTiles):
         return gpu_gemv.matmul_t(dy, w, dtype, tiles=route.tiles, interpret=interpret)
     return xla.matmul_t(dy, w, dtype, dequant=_dequant_fn(route.tiles, interpret))

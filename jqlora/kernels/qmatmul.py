@@ -2,17 +2,13 @@
 
     qmatmul(x, W) = x @ W.T        W: [out, in] (torch layout), x: [..., in]
 
-For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward is a
-fused dequantize-matmul and the backward ``dx = dy @ dequantize(W)`` runs through the same
-kind of kernel; the frozen weight gets no gradient. The back end is chosen here, never by
-callers: the Pallas kernel on TPU, the XLA path (dequantize a chunk, then ``dot``) on CPU
-and GPU. ``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
-
-Why not the Pallas kernel on GPU: on an H200 (benchmarks/RESULTS.md) it is correct but ran
-at 0.2x a bf16 ``dot`` for M >= 1024 rows and 0.06-0.2x for the backward product, where
-whole-weight dequantize-then-dot ran at 0.25-0.8x; and a model's step holds one Triton call
-per projection and direction (417 for SmolLM2-135M), which the GPU compiler did not get
-through in 260 s. It stays available (``backend="pallas"``) until it is tuned.
+For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward
+``x @ W.T`` and the backward ``dx = dy @ dequantize(W)``; the frozen weight gets no
+gradient. The back end is chosen here, never by callers: the Pallas kernel on TPU; on GPU
+the Pallas kernels that `gpu_tiles.TABLES` routes M (the activation's rows) and the
+direction to (a GEMV kernel for small M, a dequantize kernel before XLA's ``dot`` for
+training-sized M); the XLA path (dequantize a chunk, then ``dot``) on CPU.
+``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
 """
 
 from __future__ import annotations
@@ -35,9 +31,9 @@ ENV_VAR = "JQLORA_QMATMUL"
 def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
     """The back end that will run ``x @ W.T``: "xla", "pallas_gpu" or "pallas_tpu".
 
-    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic: "pallas_tpu" on TPU, "xla"
-    elsewhere) may name one; "pallas" means the Pallas kernel of the platform (the GPU
-    kernel, interpreted, on a CPU). The kernels need whole blocks within each row
+    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic: "pallas_tpu" on TPU,
+    "pallas_gpu" on GPU, "xla" on CPU) may name one; "pallas" means the Pallas kernels of
+    the platform (the GPU kernels, interpreted, on a CPU). The kernels need whole blocks within each row
     (``in_features % blocksize == 0``); other weights always take the XLA path.
     """
     choice = backend or os.environ.get(ENV_VAR) or None
