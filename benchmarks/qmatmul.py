@@ -1,14 +1,15 @@
-"""Fused NF4 dequantize-matmul against bf16 ``jnp.dot`` and dequantize-then-dot, on a GPU.
+"""jqlora's NF4 matmul on a GPU against bf16 ``jnp.dot`` and dequantize-then-dot.
 
     python benchmarks/qmatmul.py                 # the full table (M x Llama-2 7B/70B shapes)
-    python benchmarks/qmatmul.py --tune          # also sweep GPU tile candidates per M class
+    python benchmarks/qmatmul.py --tune          # first sweep the kernels' tiles, print a table
     python benchmarks/qmatmul.py --backward      # also the backward product dx = dy @ W
     python benchmarks/qmatmul.py --smoke         # tiny shapes, any machine (checks the script)
     python benchmarks/qmatmul.py --memory        # compiled scratch: chunked XLA vs deq+dot (any machine)
 
 For each (M, K, N), in bf16 with float32 accumulation, ``y = x @ W.T`` with ``W [N, K]``:
 
-* ``fused``: `qmatmul` on the NF4 weight (double-quantized, blocksize 64), Pallas kernel;
+* ``jqlora``: `qmatmul` on the NF4 weight (double-quantized, blocksize 64): the GPU kernel
+  its table routes M to (``kernel`` column: GEMV or dequantize kernel + ``dot``);
 * ``dot``: ``jnp.dot`` on the bf16 weight;
 * ``deq+dot``: ``x @ dequantize(W, bf16).T`` as XLA compiles it;
 * ``xla-chunked``: the chunked XLA back end of `qmatmul` (the fallback).
@@ -31,13 +32,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jqlora.kernels import pallas_gpu, qmatmul, xla
+from jqlora.kernels import gpu_tiles, pallas_gpu, qmatmul, xla
 from jqlora.kernels.qmatmul import _kernels, resolve_backend
 from jqlora.quant import QuantizedTensor, dequantize, quantize
 
 PEAK_TFLOPS = 790.0  # H200, bf16 dense, measured ceiling
 PEAK_GBPS = 4300.0  # H200, device copy, measured ceiling
-MS = (1, 16, 128, 1024, 4096)
+MS = (1, 4, 16, 64, 1024, 4096)
 #: (model, projection, K = in_features, N = out_features)
 SHAPES = (
     ("7B", "q/k/v/o", 4096, 4096),
@@ -68,7 +69,7 @@ def random_nf4(key, n: int, k: int, blocksize: int = 64) -> QuantizedTensor:
     )
 
 
-def methods(backend: str, backward: bool = False):
+def methods(backend: str, backward: bool = False, names=None):
     """name -> (prepare(weight_qt) -> operand, f(a, operand), bytes of the operand).
 
     Forward ``a = x [M, K]``: ``x @ W.T``. Backward ``a = dy [M, N]``: ``dx = dy @ W``, the
@@ -77,19 +78,20 @@ def methods(backend: str, backward: bool = False):
     """
     bf16 = jnp.bfloat16
     if backward:
-        fused = lambda dy, q: _kernels(resolve_backend(q, backend))[1](dy, q, bf16)
+        fused = lambda dy, q: _kernels(resolve_backend(q, backend), dy.shape[0])[1](dy, q, bf16)
         chunked = lambda dy, q: xla.matmul_t(dy, q, bf16)
         dot = lambda a, w: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(bf16)
     else:
         fused = lambda x, q: qmatmul(x, q, backend=backend)
         chunked = lambda x, q: qmatmul(x, q, backend="xla")
         dot = lambda a, w: jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(bf16)
-    return {
-        "fused": (lambda q: q, fused, lambda q: q.nbytes),
+    every = {
+        "jqlora": (lambda q: q, fused, lambda q: q.nbytes),
         "dot": (lambda q: dequantize(q, bf16), dot, lambda w: w.size * 2),
         "deq+dot": (lambda q: q, lambda a, q: dot(a, dequantize(q, bf16)), lambda q: q.nbytes),
         "xla-chunked": (lambda q: q, chunked, lambda q: q.nbytes),
     }
+    return {name: every[name] for name in names or every}
 
 
 def check_correctness(ms, backend: str, smoke: bool) -> None:
@@ -128,7 +130,7 @@ def time_call(f, args_list, reps: int) -> float:
     return statistics.median(times) / len(args_list)
 
 
-def bench(ms, shapes, backend: str, reps: int, backward: bool = False) -> list[dict]:
+def bench(ms, shapes, backend: str, reps: int, backward: bool = False, names=None) -> list[dict]:
     rows = []
     for model, proj, k, n in shapes:
         nf4_bytes = n * k // 2
@@ -139,8 +141,9 @@ def bench(ms, shapes, backend: str, reps: int, backward: bool = False) -> list[d
                 jax.random.normal(jax.random.key(100 + i), (m, n if backward else k), jnp.bfloat16)
                 for i in range(copies)
             ]
-            row = dict(model=model, proj=proj, m=m, k=k, n=n)
-            for name, (prep, f, nbytes) in methods(backend, backward).items():
+            kernel = gpu_tiles.route(m, "bwd" if backward else "fwd").kernel
+            row = dict(model=model, proj=proj, m=m, k=k, n=n, kernel=kernel)
+            for name, (prep, f, nbytes) in methods(backend, backward, names).items():
                 operands = [prep(w) for w in weights]
                 t = time_call(f, list(zip(xs, operands, strict=True)), reps)
                 moved = nbytes(operands[0]) + 2 * m * (k + n)
@@ -153,73 +156,100 @@ def bench(ms, shapes, backend: str, reps: int, backward: bool = False) -> list[d
 
 
 HEADER = (
-    "| model | proj | M | K | N | fused us | TFLOP/s | GB/s | dot us | deq+dot us | xla-chunked us "
-    "| fused vs dot | target | % TFLOP ceiling | % BW ceiling |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| model | proj | M | K | N | kernel | jqlora us | TFLOP/s | GB/s | dot us | deq+dot us "
+    "| xla-chunked us | jqlora vs dot | target | % TFLOP ceiling | % BW ceiling |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
+def _us(row: dict, name: str) -> str:
+    return f"{row[name]['us']:.1f}" if name in row else "-"
+
+
 def format_row(r: dict) -> str:
-    fused, dot = r["fused"], r["dot"]
+    fused, dot = r["jqlora"], r["dot"]
     speedup = dot["us"] / fused["us"]
     target = 2.5 if r["m"] <= 16 else (0.8 if r["m"] >= 1024 else None)
     verdict = (
         "-" if target is None else (f">= {target}x " + ("PASS" if speedup >= target else "FAIL"))
     )
     return (
-        f"| {r['model']} | {r['proj']} | {r['m']} | {r['k']} | {r['n']} | {fused['us']:.1f} | "
-        f"{fused['tflops']:.1f} | {fused['gbps']:.0f} | {dot['us']:.1f} | {r['deq+dot']['us']:.1f} | "
-        f"{r['xla-chunked']['us']:.1f} | {speedup:.2f}x | {verdict} | "
+        f"| {r['model']} | {r['proj']} | {r['m']} | {r['k']} | {r['n']} | {r['kernel']} | "
+        f"{fused['us']:.1f} | "
+        f"{fused['tflops']:.1f} | {fused['gbps']:.0f} | {dot['us']:.1f} | {_us(r, 'deq+dot')} | "
+        f"{_us(r, 'xla-chunked')} | {speedup:.2f}x | {verdict} | "
         f"{100 * fused['tflops'] / PEAK_TFLOPS:.0f}% | {100 * fused['gbps'] / PEAK_GBPS:.0f}% |"
     )
 
 
-TUNE_CANDIDATES = [
-    pallas_gpu.Tiles(bm, bn, bk, warps, stages)
-    for bm, bn, bk, warps, stages in [
-        (16, 32, 256, 4, 4),
-        (16, 64, 256, 4, 4),
-        (16, 64, 128, 4, 3),
-        (16, 128, 128, 4, 3),
-        (32, 64, 128, 4, 4),
-        (64, 64, 128, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 128, 128, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 128, 128, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
+GEMV_CANDIDATES = [
+    gpu_tiles.GemvTiles(bn, bk, programs, warps)
+    for bn, bk, programs, warps in [
+        (4, 256, 1024, 4),
+        (4, 512, 1024, 4),
+        (4, 512, 2048, 8),
+        (16, 256, 1024, 4),
+        (32, 128, 2048, 8),
     ]
+]
+DEQUANT_CANDIDATES = [
+    gpu_tiles.DequantTiles(elements, warps)
+    for elements, warps in [(4096, 4), (8192, 4), (16384, 8), (32768, 8)]
 ]
 
 
 def tune(ms, shapes, reps: int, interpret: bool) -> None:
-    """Time every candidate tile set per (M, shape); print the fastest (for `pallas_gpu.TILES`)."""
+    """Time both kernels over their candidate tiles per (M, shape, direction); print the
+    table row set for `gpu_tiles.TABLES` (GEMV where it beats dequantize, up to some M)."""
+    bf16 = jnp.bfloat16
+    best: dict = {}  # (direction, m) -> {(kernel, tiles): summed seconds over shapes}
     for model, proj, k, n in shapes:
         copies = max(2, min(32, math.ceil(4 * L2_BYTES / (n * k // 2))))
         weights = [random_nf4(jax.random.key(i), n, k) for i in range(copies)]
-        for m in ms:
-            xs = [
-                jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16)
-                for i in range(copies)
-            ]
-            results = []
-            for tiles in TUNE_CANDIDATES:
-                if tiles.bm > max(16, 2 * m):
-                    continue
-                f = lambda x, w, tiles=tiles: pallas_gpu.matmul(
-                    x, w, jnp.bfloat16, tiles=tiles, interpret=interpret
-                )
-                try:
-                    results.append((time_call(f, list(zip(xs, weights, strict=True)), reps), tiles))
-                except Exception as e:  # a tile set the compiler refuses (shared memory, registers)
-                    print(f"  {tiles}: {type(e).__name__}")
-            best_t, best = min(results)
-            default_t = dict((t, s) for s, t in results).get(pallas_gpu.pick_tiles(m), float("nan"))
-            print(
-                f"tune {model} {proj} M={m}: best {best} {best_t * 1e6:.1f} us (table: {default_t * 1e6:.1f} us)",
-                flush=True,
-            )
+        for direction, f in (("fwd", pallas_gpu.matmul), ("bwd", pallas_gpu.matmul_t)):
+            for m in ms:
+                cols = k if direction == "fwd" else n
+                xs = [
+                    jax.random.normal(jax.random.key(100 + i), (m, cols), bf16)
+                    for i in range(copies)
+                ]
+                candidates = [
+                    ("dequant", t) for t in DEQUANT_CANDIDATES[: 2 if interpret else None]
+                ]
+                if m <= 64:
+                    candidates += [("gemv", t) for t in GEMV_CANDIDATES[: 2 if interpret else None]]
+                for kernel, tiles in candidates:
+                    route = gpu_tiles.Route(m, kernel, tiles)
+                    g = lambda a, w, route=route, f=f: f(a, w, bf16, route, interpret=interpret)
+                    try:
+                        t = time_call(g, list(zip(xs, weights, strict=True)), reps)
+                    except (
+                        Exception
+                    ) as e:  # a tile set the compiler refuses (shared memory, registers)
+                        print(
+                            f"  {direction} M={m} {kernel} {tiles}: {type(e).__name__}", flush=True
+                        )
+                        continue
+                    totals = best.setdefault((direction, m), {})
+                    totals[(kernel, tiles)] = totals.get((kernel, tiles), 0.0) + t
+                winner = min(best[(direction, m)].items(), key=lambda kv: kv[1])
+                print(f"tune {direction} {model} {proj} M={m}: so far best {winner[0]}", flush=True)
+        del weights
+    print(f"# gpu_tiles.TABLES[{gpu_tiles.gpu_name()!r}], from benchmarks/qmatmul.py --tune:")
+    print("{")
+    for direction in ("fwd", "bwd"):
+        winners = {m: min(best[(direction, m)].items(), key=lambda kv: kv[1])[0] for m in ms}
+        gemv_ms = [m for m in ms if winners[m][0] == "gemv"]
+        # GEMV up to the largest M it won with no dequantize win below it.
+        cross = max(
+            (m for m in gemv_ms if all(winners[j][0] == "gemv" for j in ms if j <= m)), default=0
+        )
+        rows = []
+        if cross:
+            rows.append(f"Route({cross}, 'gemv', {winners[cross][1]!r})")
+        rows.append(f"Route(ANY_M, 'dequant', {winners[max(ms)][1]!r})")
+        print(f"    {direction!r}: ({', '.join(rows)},),")
+    print("}")
 
 
 def memory_report(m: int = 512, k: int = 4096, n: int = 4096) -> None:
@@ -244,9 +274,13 @@ def memory_report(m: int = 512, k: int = 4096, n: int = 4096) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreted on a CPU")
-    p.add_argument("--tune", action="store_true", help="sweep GPU tile candidates per M class")
+    p.add_argument("--tune", action="store_true", help="first sweep the GPU kernels' tiles per M")
     p.add_argument("--memory", action="store_true", help="only the compiled-scratch comparison")
     p.add_argument("--backward", action="store_true", help="also time dx = dy @ W")
+    p.add_argument("--no-table", action="store_true", help="no timing table (with --tune)")
+    p.add_argument(
+        "--methods", default="jqlora,dot,deq+dot,xla-chunked", help="comma-separated columns"
+    )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--m", type=int, nargs="*", default=list(MS))
     p.add_argument("--models", default="7B,70B", help="comma-separated subset of 7B,70B")
@@ -266,14 +300,15 @@ def main(argv=None) -> None:
         f"date {time.strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__}, device {jax.devices()[0].device_kind}"
     )
     check_correctness(ms, "pallas", args.smoke)
-    print(HEADER)
-    bench(ms, shapes, "pallas", reps)
-    if args.backward:
-        print("\nbackward, dx = dy @ W (same columns)")
-        print(HEADER)
-        bench(ms, shapes, "pallas", reps, backward=True)
     if args.tune:
-        tune(ms, shapes[:3] if not args.smoke else shapes, reps, interpret=args.smoke)
+        tune(ms, shapes[:1], reps, interpret=args.smoke)  # 7B q/k/v: one shape, in time
+    if args.no_table:
+        return
+    names = args.methods.split(",")
+    for backward in (False, True) if args.backward else (False,):
+        print("\nbackward, dx = dy @ W (same columns)" if backward else "\nforward, y = x @ W.T")
+        print(HEADER)
+        bench(ms, shapes, "pallas", reps, backward=backward, names=names)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ step's time and memory do not depend on the weights' values):
 
 Rows (each in its own process, so the peak memory is its own):
 
-- ``jqlora``: the automatic back end (on a GPU, the XLA path: dequantize, then ``dot``);
-- ``jqlora-pallas``: the same step with ``JQLORA_QMATMUL=pallas`` (the Pallas GPU kernel);
+- ``jqlora``: the automatic back end (on a GPU, the Pallas kernels `qmatmul` routes M to);
+- ``jqlora-xla``: the same step with ``JQLORA_QMATMUL=xla`` (XLA dequantizes, then ``dot``);
 - ``jqlora-scan``: the same step with ``scan_layers=True`` (one compiled decoder layer);
 - ``peft-lora``: PyTorch + PEFT LoRA on the bfloat16 model, not quantized (bitsandbytes is
   not installed on the GPU machine), eager, SDPA attention.
@@ -25,6 +25,10 @@ the same process. ``--shape tiny`` runs the script on any machine (its times mea
 
     python benchmarks/train_step_gpu.py                       # both shapes, every row
     python benchmarks/train_step_gpu.py --shape smollm2-135m --rows jqlora --batch 4x256
+    python benchmarks/train_step_gpu.py --lower --shape smollm2-135m   # any machine
+
+``--lower`` only lowers jqlora's step for CUDA (no GPU needed), layers unrolled and scanned,
+and prints its size: Triton calls, all custom calls, StableHLO operations, lowering time.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ SHAPES = {
     ),
 }
 START = time.perf_counter()
-ROWS = ("jqlora", "peft-lora", "jqlora-pallas", "jqlora-scan")
+ROWS = ("jqlora", "peft-lora", "jqlora-xla", "jqlora-scan")
 
 
 def hf_config(shape: str, seq: int) -> dict:
@@ -202,9 +206,53 @@ def run_peft(shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     )
 
 
+def lower_report(shape: str, batch: int, seq: int) -> None:
+    """Lower jqlora's step for CUDA, unrolled and scanned, from abstract inputs; print its size."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    import jqlora
+    from jqlora.kernels.qmatmul import lowering_for_gpu
+    from jqlora.models import model_for_config
+
+    cfg = hf_config(shape, seq)
+    model = model_for_config(cfg, jnp.bfloat16)
+
+    def build():
+        params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+        params = jqlora.QuantConfig("nf4", double_quant=True).quantize_params(params)
+        lora = jqlora.init_lora(jax.random.key(1), params, jqlora.LoraConfig(r=16, alpha=32))
+        return params, lora
+
+    optimizer = jqlora.make_optimizer(2e-4, max_grad_norm=0.3)
+    params, lora = jax.eval_shape(build)
+    state = jax.eval_shape(lambda lora: jqlora.init_train_state(lora, optimizer), lora)
+    batch = {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32)}
+    for scan in (False, True):
+        step = jqlora.make_train_step(
+            model, optimizer, compute_dtype="bfloat16", scan_layers=scan, jit=False
+        )
+        t0 = time.perf_counter()
+        with lowering_for_gpu():
+            text = jax.jit(step).trace(state, params, batch).lower(lowering_platforms=("cuda",))
+            text = text.as_text()
+        seconds = time.perf_counter() - t0
+        calls = re.findall(r"custom_call @(\S+)\(", text)
+        triton = sum(c == "__gpu$xla.gpu.triton" for c in calls)
+        ops = len(re.findall(r"= stablehlo\.|^\s*stablehlo\.", text, re.M))
+        print(
+            f"| {shape} | {batch['input_ids'].shape[0]} x {seq} | {'scanned' if scan else 'unrolled'} "
+            f"| {triton} | {len(calls)} | {ops} | {len(text) / 2**20:.1f} | {seconds:.1f} |",
+            flush=True,
+        )
+
+
 def worker(row: str, shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    if row == "jqlora-pallas":
-        os.environ["JQLORA_QMATMUL"] = "pallas"
+    if row == "jqlora-xla":
+        os.environ["JQLORA_QMATMUL"] = "xla"
     if row == "peft-lora":
         out = run_peft(shape, batch, seq, steps, warmup)
     else:
@@ -232,6 +280,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=float, default=300, help="seconds per row")
     p.add_argument(
+        "--lower", action="store_true", help="only lower the step for CUDA; print its size"
+    )
+    p.add_argument(
         "--worker", nargs=4, metavar=("ROW", "SHAPE", "BATCH", "SEQ"), help=argparse.SUPPRESS
     )
     a = p.parse_args()
@@ -239,6 +290,15 @@ def main() -> None:
         row, shape, batch, seq = a.worker
         result = worker(row, shape, int(batch), int(seq), a.steps, a.warmup)
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if a.lower:
+        print(
+            "| shape | batch x seq | layers | Triton calls | custom calls | StableHLO ops | MiB | lowering s |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for shape in a.shape.split(","):
+            batch, seq = (int(v) for v in a.batch.split(",")[0].split("x"))
+            lower_report(shape, batch, seq)
         return
     results = []
     # Row-major: under a time limit every shape gets the first row before any gets the next.

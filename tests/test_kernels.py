@@ -117,15 +117,15 @@ def test_dispatch(monkeypatch):
     "platform,auto,pallas,chunk",
     [
         ("cpu", "xla", "pallas_gpu", xla.CHUNK_ELEMENTS),
-        ("gpu", "xla", "pallas_gpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
+        ("gpu", "pallas_gpu", "pallas_gpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
         ("tpu", "pallas_tpu", "pallas_tpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
     ],
 )
 def test_automatic_backend_and_chunk_follow_the_platform(
     monkeypatch, platform, auto, pallas, chunk
 ):
-    """GPUs take the XLA path, whole Llama-2-7B projections per chunk (faster on an H200 than
-    the Pallas kernel, benchmarks/RESULTS.md); asking for "pallas" still gets the kernel."""
+    """GPUs take their Pallas kernels (routed by M, gpu_tiles), CPUs the XLA path; chunks of a
+    dequantized weight hold a whole Llama-2-7B projection on an accelerator."""
     monkeypatch.delenv("JQLORA_QMATMUL", raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     qt = weight(8, 128)

@@ -1,4 +1,4 @@
-"""The GPU kernel compiled for a real GPU (no interpreter) against a float64 reference.
+"""The GPU kernels compiled for a real GPU (no interpreter) against a float64 reference.
 
 Skipped where JAX sees no GPU (the CPU suite checks the same kernel interpreted, in
 test_kernels_pallas.py). On a GPU machine: ``pytest tests/test_kernels_on_gpu.py -p no:xdist``.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jqlora.kernels import pallas_gpu, qmatmul
+from jqlora.kernels import gpu_tiles, pallas_gpu, qmatmul
 from jqlora.quant import dequantize, quantize
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -35,9 +35,10 @@ def _weight(key, n, k, quant_type, blocksize, double_quant):
 
 
 # (M, N, K, quant_type, blocksize, double_quant): M across the tile classes and ragged;
-# N and K not multiples of any tile in pallas_gpu.TILES.
+# N and K not multiples of any tile in gpu_tiles.TABLES; M = 1 and 3 take the GEMV kernels.
 CASES = [
     (1, 4096, 4096, "nf4", 64, True),
+    (3, 1000, 1344, "fp4", 128, True),
     (7, 200, 320, "nf4", 64, True),
     (16, 1000, 1024, "fp4", 64, False),
     (33, 96, 512, "nf4", 128, True),
@@ -62,8 +63,9 @@ def test_kernel_forward_and_backward_match_float64(case, dtype):
     qt, w = _weight(kw, n, k, quant_type, blocksize, dq)
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
     dy = jax.random.normal(kd, (m, n), jnp.float32).astype(dtype)
-    y = jax.jit(pallas_gpu.matmul, static_argnums=2)(x, qt, dtype)
-    dx = jax.jit(pallas_gpu.matmul_t, static_argnums=2)(dy, qt, dtype)
+    fwd, bwd = gpu_tiles.route(m, "fwd"), gpu_tiles.route(m, "bwd")
+    y = jax.jit(lambda x, w: pallas_gpu.matmul(x, w, dtype, fwd))(x, qt)
+    dx = jax.jit(lambda dy, w: pallas_gpu.matmul_t(dy, w, dtype, bwd))(dy, qt)
     assert y.dtype == dx.dtype == dtype and y.shape == (m, n) and dx.shape == (m, k)
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
     dy64 = np.asarray(dy.astype(jnp.float32), np.float64)
@@ -71,30 +73,42 @@ def test_kernel_forward_and_backward_match_float64(case, dtype):
     assert rel_norm_err(dx, dy64 @ w) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("tiles", [t for _, t in pallas_gpu.TILES])
-def test_every_tile_class_is_exact_on_ragged_edges(tiles):
-    """Each table entry forced on shapes that leave partial tiles on every axis."""
+ROUTES = [
+    (direction, route)
+    for direction in ("fwd", "bwd")
+    for route in gpu_tiles.TABLES[gpu_tiles.gpu_name()][direction]
+]
+
+
+@pytest.mark.parametrize("direction,route", ROUTES, ids=[f"{d}-{r.kernel}" for d, r in ROUTES])
+def test_every_table_row_is_exact_on_ragged_edges(direction, route):
+    """Each row of this GPU's table forced on shapes that leave partial tiles on every axis."""
     kw, kx, kd = jax.random.split(jax.random.key(11), 3)
-    m, n, k = tiles.bm + 3, tiles.bn * 2 + 5, tiles.bk * 2 + 64
+    m = min(route.max_m, 37)
+    step = route.tiles.bk if route.kernel == "gemv" else 256
+    n, k = 2 * getattr(route.tiles, "bn", 64) + 5, 2 * step + 64
     qt, w = _weight(kw, n, k, "nf4", 64, True)
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
-    y = pallas_gpu.matmul(x, qt, jnp.bfloat16, tiles=tiles)
-    dx = pallas_gpu.matmul_t(dy, qt, jnp.bfloat16, tiles=tiles)
-    assert rel_norm_err(y, np.asarray(x, np.float64) @ w.T) < 1e-2
-    assert rel_norm_err(dx, np.asarray(dy, np.float64) @ w) < 1e-2
+    bf16 = jnp.bfloat16
+    if direction == "fwd":
+        x = jax.random.normal(kx, (m, k), bf16)
+        y = jax.jit(lambda x, w: pallas_gpu.matmul(x, w, bf16, route))(x, qt)
+        assert rel_norm_err(y, np.asarray(x, np.float64) @ w.T) < 1e-2
+    else:
+        dy = jax.random.normal(kd, (m, n), bf16)
+        dx = jax.jit(lambda dy, w: pallas_gpu.matmul_t(dy, w, bf16, route))(dy, qt)
+        assert rel_norm_err(dx, np.asarray(dy, np.float64) @ w) < 1e-2
 
 
-@pytest.mark.parametrize("backend", [None, "pallas"])
+@pytest.mark.parametrize("backend", [None, "xla"])
 def test_qmatmul_on_gpu_and_its_gradient(backend):
-    """The automatic back end on a GPU is the XLA path, "pallas" the kernel; jax.grad flows
-    through either."""
+    """The automatic back end on a GPU is the Pallas kernels, "xla" XLA's dequantize; jax.grad
+    flows through either."""
     kw, kx, kc = jax.random.split(jax.random.key(5), 3)
     qt, w = _weight(kw, 384, 512, "nf4", 64, True)
     x = jax.random.normal(kx, (2, 9, 512), jnp.bfloat16)
     ct = jax.random.normal(kc, (2, 9, 384), jnp.float32)
     f = lambda x: qmatmul(x, qt, backend=backend)
-    assert ("triton" in jax.jit(f).lower(x).as_text()) == (backend == "pallas")
+    assert ("triton" in jax.jit(f).lower(x).as_text()) == (backend is None)
     loss = lambda x: jnp.sum(f(x).astype(jnp.float32) * ct)
     dx = jax.jit(jax.grad(loss))(x)
     x64 = np.asarray(x, np.float64).reshape(-1, 512)

@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
         check(by_k(x, qk), want)
 
     # Compiled (not interpreted) kernels keep the varying-axes check on.
-    from jqlora.kernels import pallas_gpu, pallas_tpu
+    from jqlora.kernels import gpu_tiles, pallas_gpu, pallas_tpu
     spec_n = dataclasses.replace(qt, codes=P("d", None), absmax=P("d"), nested_absmax=P("d"), offset=P())
     # jax >= 0.11 lowers a Triton kernel only for a known GPU: with none attached, the mesh
     # names one (an abstract H100), and the inputs are typed against that mesh.
@@ -66,7 +66,8 @@ SCRIPT = textwrap.dedent(
         (pallas_gpu, "cuda", gpu_mesh, gpu_args),
         (pallas_tpu, "tpu", mesh, (x.astype(jnp.bfloat16), qt)),
     ):
-        h = lambda x, w: kernel.matmul(x, w, jnp.bfloat16)
+        route = (gpu_tiles.route(7, "fwd"),) if kernel is pallas_gpu else ()
+        h = lambda x, w: kernel.matmul(x, w, jnp.bfloat16, *route)
         h = jax.shard_map(h, mesh=m, in_specs=(P(), spec_n), out_specs=P(None, "d"))
         with jax.sharding.use_abstract_mesh(m.abstract_mesh if platform == "tpu" else m):
             text = jax.jit(h).trace(*args).lower(lowering_platforms=(platform,)).as_text()

@@ -1,6 +1,13 @@
 """Pieces the Pallas kernels share: the code-book lookup and the kernel-side weight layout.
 
-GPU (Triton) and TPU (Mosaic) kernels cannot gather from a 16-entry table in registers, so a
+GPU (Triton) kernels read a code's value with a gather-load from the 16-entry code book
+passed as an input (`book_operand`): ``book_ref[c]``, one load per value, served by the L1
+cache. They decode a block's scale themselves (`block_scales`), once per block::
+
+    absmax[b] = DYNAMIC[q[b]] * nested[b // 256] + offset     (double quantization)
+    absmax[b] = absmax_f32[b]                                  (plain)
+
+TPU (Mosaic) kernels cannot gather from a 16-entry table in registers, so there a
 4-bit code ``c = b3 b2 b1 b0`` is looked up with a 4-level select tree::
 
     level 1: t_j = b0 ? book[2j + 1] : book[2j]        (8 selects on constants)
@@ -20,7 +27,7 @@ import numpy as np
 
 from jqlora.kernels.xla import local_weight, plain_absmax
 from jqlora.quant import QuantizedTensor
-from jqlora.quant.codebooks import codebook
+from jqlora.quant.codebooks import DYNAMIC_SIGNED, NESTED_BLOCKSIZE, codebook
 
 
 def select_tree(codes: jax.Array, book: np.ndarray) -> jax.Array:
@@ -33,6 +40,42 @@ def select_tree(codes: jax.Array, book: np.ndarray) -> jax.Array:
         ]
     (out,) = values
     return jnp.broadcast_to(out, codes.shape).astype(jnp.float32)
+
+
+def book_operand(quant_type: str) -> jax.Array:
+    """The 16-entry float32 code book, as a kernel operand to gather from."""
+    return jnp.asarray(codebook(quant_type), jnp.float32)
+
+
+def scale_operands(w: QuantizedTensor) -> tuple[jax.Array, ...]:
+    """The arrays a GPU kernel decodes block scales from, flat over blocks.
+
+    Double-quantized: ``(q uint8 [n_blocks], nested f32 [n_nested], offset f32 [1],
+    DYNAMIC f32 [256])``; otherwise ``(absmax f32 [n_blocks],)``. Nothing is decoded here.
+    """
+    if w.nested_absmax is None:
+        return (w.absmax.reshape(-1).astype(jnp.float32),)
+    if w.offset is None:
+        raise ValueError("a double-quantized tensor needs its offset")
+    return (
+        w.absmax.reshape(-1),
+        w.nested_absmax.reshape(-1).astype(jnp.float32),
+        jnp.asarray(w.offset, jnp.float32).reshape(1),
+        jnp.asarray(DYNAMIC_SIGNED, jnp.float32),
+    )
+
+
+def block_scales(scale_refs, blocks: jax.Array) -> jax.Array:
+    """float32 absmax of the flat block indices ``blocks`` (int32, any shape, in range).
+
+    Inside a kernel: ``scale_refs`` are the refs of `scale_operands`. The double-quantized
+    product may round as one FMA with the offset (one ulp of the scale at most).
+    """
+    if len(scale_refs) == 1:
+        return scale_refs[0][blocks]
+    q_ref, nested_ref, offset_ref, dynamic_ref = scale_refs
+    q = q_ref[blocks].astype(jnp.int32)
+    return dynamic_ref[q] * nested_ref[blocks // NESTED_BLOCKSIZE] + offset_ref[0]
 
 
 def _varying(a) -> frozenset:

@@ -1,184 +1,125 @@
-"""Fused 4-bit dequantize-matmul for GPUs: a Pallas kernel on the Triton back end.
+"""The GPU back end of `qmatmul`: Pallas kernels on the Triton back end, routed by M.
 
-Forward, ``y = x @ W.T`` (``x [M, K]``, ``W [N, K]``): one program per ``[bm, bn]`` output
-tile; a K loop inside the program (a parallel K grid axis would race on the accumulator)::
+`qmatmul` picks, per product and direction, a row of the GPU's table (`gpu_tiles`):
 
-    for k0 in range(0, K, bk):
-        c   = codes[n-tile, k0/2 : (k0+bk)/2]              uint8, two codes a byte
-        w   = select_tree(interleave(c >> 4, c & 15))      [bn, bk] code-book values
-        w   = w * absmax[n-tile, k0/bs ...] (per block)    then cast to the compute dtype
-        acc += x[m-tile, k0 : k0+bk] @ w.T                 tensor cores, float32 accumulate
+* ``"gemv"`` (small M, `gpu_gemv`): the packed weight read once, products on CUDA cores;
+* ``"dequant"`` (training-sized M): the kernel below writes the weight in the compute
+  dtype and XLA's ``dot`` (cuBLAS) multiplies it; the backward ``dx = dy @ W`` contracts
+  W's first axis, so no ``W.T`` is made. The XLA back end's row chunks (`xla.matmul`) keep
+  only one chunk of the dequantized weight live.
 
-Backward, ``dx = dy @ W``: one program per ``[bm, bk]`` tile of ``dx``, an N loop inside,
-the same dequantized tile. Ragged edges are masked loads (zeros) and masked stores. Only the
-packed codes and the float32 scales cross memory: 0.5 + 4/blocksize bytes per weight.
+Dequantize kernel: the codes viewed as ``[n_blocks, blocksize / 2]`` bytes, ``R`` blocks a
+program (``R * blocksize`` = the table's ``elements``)::
 
-Tile sizes come from `TILES`, keyed by the size of M (decode-like small M is bound by reading
-the weight, so it wants many programs over N and long K steps; large M wants big tiles).
+    p        = codes[b0 : b0 + R]                      uint8, element 2j in the high nibble
+    v        = interleave(book[p >> 4], book[p & 15])  gather-loads from the 16-entry book
+    out[b]   = v[b] * absmax[b]                        absmax decoded once per block
 
-Status (an H200, benchmarks/RESULTS.md): exact, but slower than XLA's dequantize-then-dot,
-so `qmatmul` uses it on a GPU only when asked. Leads from that table: the backward grid has
-``K / bk`` programs when M is small (16 for K = 4096, on 132 multiprocessors), so it wants a
-split over N; at large M the kernel reached ~15% of the bf16 tensor-core rate, so the
-lookup and scaling, not the ``dot``, set its pace.
+Per weight element: half a widening, shift and mask (they act on bytes), one gather-load,
+one multiply, one cast; ``tests/test_kernels_gpu.py`` counts them in the traced kernel.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jqlora.kernels.lookup import KernelWeight, kernel_weight, out_struct, select_tree, vary_alike
+from jqlora.kernels import gpu_gemv, gpu_tiles, xla
+from jqlora.kernels.lookup import (
+    block_scales,
+    book_operand,
+    out_struct,
+    scale_operands,
+    vary_alike,
+)
 from jqlora.quant import QuantizedTensor
 
 
-class Tiles(NamedTuple):
-    """One kernel configuration: tile sizes (powers of two) and Triton launch parameters."""
-
-    bm: int
-    bn: int
-    bk: int
-    num_warps: int
-    num_stages: int
-
-
-#: ``(max M, tiles)``, first match wins. Starting points for an H100/H200-class GPU, to be
-#: re-tuned with ``benchmarks/qmatmul.py --tune`` on the target card.
-TILES: tuple[tuple[int, Tiles], ...] = (
-    (16, Tiles(bm=16, bn=32, bk=256, num_warps=4, num_stages=4)),
-    (64, Tiles(bm=32, bn=64, bk=128, num_warps=4, num_stages=4)),
-    (256, Tiles(bm=64, bn=128, bk=64, num_warps=4, num_stages=3)),
-    (1 << 62, Tiles(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)),
-)
-
-
-def pick_tiles(m: int, table=TILES) -> Tiles:
-    """The table entry for a matmul whose activation has ``m`` rows."""
-    return next(tiles for max_m, tiles in table if m <= max_m)
-
-
-def _mask2(rows: jax.Array, n_rows: int, cols: jax.Array, n_cols: int) -> jax.Array:
-    return (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-
-
-def _dequant_tile(c_ref, s_ref, n0, k0, *, bn: int, bk: int, w: KernelWeight, dtype):
-    """``W[n0 : n0 + bn, k0 : k0 + bk]`` in ``dtype``; zeros past the edges."""
-    n_idx = n0 + jnp.arange(bn)
-    byte_idx = k0 // 2 + jnp.arange(bk // 2)
+def _dequantize_kernel(codes_ref, book_ref, *refs, n_blocks: int, rows: int, blocksize: int):
+    *scale_refs, out_ref = refs
+    b0 = pl.program_id(0) * rows
+    blocks = b0 + jnp.arange(rows)
+    live = blocks < n_blocks
     packed = plgpu.load(
-        c_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, bk // 2)],
-        mask=_mask2(n_idx, w.n, byte_idx, w.k // 2),
+        codes_ref.at[pl.ds(b0, rows), :],
+        mask=jnp.broadcast_to(live[:, None], (rows, blocksize // 2)),
         other=0,
     ).astype(jnp.int32)
-    # Element 2j is the high nibble of byte j: interleave (hi, lo) along K.
-    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(bn, bk)
-    values = select_tree(codes, w.book)
-    per_tile = max(1, bk // w.blocksize)  # blocks in one K step (1 when a block spans steps)
-    b0 = k0 // w.blocksize
-    scale = plgpu.load(
-        s_ref.at[pl.ds(n0, bn), pl.ds(b0, per_tile)],
-        mask=_mask2(n_idx, w.n, b0 + jnp.arange(per_tile), w.k // w.blocksize),
-        other=0.0,
-    )
-    scale = jnp.broadcast_to(scale[:, :, None], (bn, per_tile, bk // per_tile)).reshape(bn, bk)
-    return (values * scale).astype(dtype)
-
-
-def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, m: int, tiles: Tiles, w: KernelWeight, dtype):
-    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
-    m0, n0 = pl.program_id(0) * bm, pl.program_id(1) * bn
-    m_idx = m0 + jnp.arange(bm)
-
-    def step(t, acc):
-        k0 = t * bk
-        x = plgpu.load(
-            x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
-            mask=_mask2(m_idx, m, k0 + jnp.arange(bk), w.k),
-            other=0.0,
-        )
-        wt = _dequant_tile(c_ref, s_ref, n0, k0, bn=bn, bk=bk, w=w, dtype=dtype)
-        return acc + jax.lax.dot_general(
-            x, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(w.k, bk), step, jnp.zeros((bm, bn), jnp.float32))
+    values = jnp.stack([book_ref[packed >> 4], book_ref[packed & 0xF]], axis=-1)
+    scale = block_scales(scale_refs, jnp.minimum(blocks, n_blocks - 1))
+    out = values.reshape(rows, blocksize) * scale[:, None]
     plgpu.store(
-        o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
-        acc.astype(o_ref.dtype),
-        mask=_mask2(m_idx, m, n0 + jnp.arange(bn), w.n),
+        out_ref.at[pl.ds(b0, rows), :],
+        out.astype(out_ref.dtype),
+        mask=jnp.broadcast_to(live[:, None], (rows, blocksize)),
     )
 
 
-def _backward_kernel(dy_ref, c_ref, s_ref, o_ref, *, m: int, tiles: Tiles, w: KernelWeight, dtype):
-    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
-    m0, k0 = pl.program_id(0) * bm, pl.program_id(1) * bk
-    m_idx = m0 + jnp.arange(bm)
-
-    def step(t, acc):
-        n0 = t * bn
-        dy = plgpu.load(
-            dy_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
-            mask=_mask2(m_idx, m, n0 + jnp.arange(bn), w.n),
-            other=0.0,
-        )
-        wt = _dequant_tile(c_ref, s_ref, n0, k0, bn=bn, bk=bk, w=w, dtype=dtype)
-        return acc + jax.lax.dot_general(
-            dy, wt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(w.n, bn), step, jnp.zeros((bm, bk), jnp.float32))
-    plgpu.store(
-        o_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
-        acc.astype(o_ref.dtype),
-        mask=_mask2(m_idx, m, k0 + jnp.arange(bk), w.k),
-    )
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
-def _call(
-    kernel, a, w: KernelWeight, out_cols: int, grid_cols: int, dtype, tiles: Tiles, interpret: bool
-):
-    m = a.shape[0]
-    body = functools.partial(kernel, m=m, tiles=tiles, w=w.static(), dtype=dtype)
-    return pl.pallas_call(
+def dequantize(
+    w: QuantizedTensor, dtype, *, tiles: gpu_tiles.DequantTiles, interpret: bool = False
+) -> jax.Array:
+    """``dequantize(w)`` as ``[N, K]`` in ``dtype``, by the Pallas kernel.
+
+    ``w``: 2-D codes ``[N, K / 2]`` and blocks within rows (`qmatmul.kernel_supports`).
+    """
+    n, k = int(w.codes.shape[0]), 2 * int(w.codes.shape[1])
+    bs = w.blocksize
+    n_blocks = n * k // bs
+    rows = min(_pow2_floor(tiles.elements // bs), _pow2_floor(n_blocks))
+    codes = w.codes.reshape(n_blocks, bs // 2)
+    operands = vary_alike(codes, book_operand(w.quant_type), *scale_operands(w))
+    body = functools.partial(_dequantize_kernel, n_blocks=n_blocks, rows=rows, blocksize=bs)
+    out = pl.pallas_call(
         body,
-        out_shape=out_struct((m, out_cols), dtype, a, w.codes, w.absmax),
-        grid=(pl.cdiv(m, tiles.bm), pl.cdiv(out_cols, grid_cols)),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages
-        ),
+        out_shape=out_struct((n_blocks, bs), dtype, *operands),
+        grid=(pl.cdiv(n_blocks, rows),),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=1),
         interpret=interpret,
-        name=f"qmatmul_{w.quant_type}",
-    )(a, w.codes, w.absmax)
+        name=f"dequantize_{w.quant_type}",
+    )(*operands)
+    return out.reshape(n, k)
 
 
-def _check(tiles: Tiles) -> Tiles:
-    # Triton tensors are powers of two; with blocksizes also powers of two, a K step then
-    # covers whole blocks or a part of one block.
-    if any(t < 2 or t & (t - 1) for t in tiles[:3]):
-        raise ValueError(f"qmatmul GPU kernel: tile sizes must be powers of two >= 2, got {tiles}")
-    return tiles
+def _dequant_fn(tiles, interpret: bool):
+    return lambda wc, dtype: dequantize(wc, dtype, tiles=tiles, interpret=interpret)
 
 
 def matmul(
-    x: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False
+    x: jax.Array,
+    w: QuantizedTensor,
+    dtype,
+    route: gpu_tiles.Route,
+    *,
+    interpret: bool = False,
 ) -> jax.Array:
-    """``x @ dequantize(w).T`` for ``x [M, K]``: ``[M, N]`` in ``dtype`` (float32 accumulate)."""
-    kw = kernel_weight(w, x)
-    x = vary_alike(x.astype(dtype), kw.codes)[0]
-    tiles = _check(tiles or pick_tiles(x.shape[0]))
-    return _call(_forward_kernel, x, kw, kw.n, tiles.bn, dtype, tiles, interpret)
+    """``x @ dequantize(w).T`` for ``x [M, K]``: ``[M, N]`` in ``dtype`` (float32 accumulate).
+
+    ``route``: the kernel and its tiles (`qmatmul` picks it from `gpu_tiles` by M).
+    """
+    w = xla.local_weight(w)
+    if isinstance(route.tiles, gpu_tiles.GemvTiles):
+        return gpu_gemv.matmul(x, w, dtype, tiles=route.tiles, interpret=interpret)
+    return xla.matmul(x, w, dtype, dequant=_dequant_fn(route.tiles, interpret))
 
 
 def matmul_t(
-    dy: jax.Array, w: QuantizedTensor, dtype, *, tiles: Tiles | None = None, interpret: bool = False
+    dy: jax.Array,
+    w: QuantizedTensor,
+    dtype,
+    route: gpu_tiles.Route,
+    *,
+    interpret: bool = False,
 ) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``: ``[M, K]`` in ``dtype`` (float32 accumulate)."""
-    kw = kernel_weight(w, dy)
-    dy = vary_alike(dy.astype(dtype), kw.codes)[0]
-    tiles = _check(tiles or pick_tiles(dy.shape[0]))
-    return _call(_backward_kernel, dy, kw, kw.k, tiles.bk, dtype, tiles, interpret)
+    w = xla.local_weight(w)
+    if isinstance(route.tiles, gpu_tiles.GemvTiles):
+        return gpu_gemv.matmul_t(dy, w, dtype, tiles=route.tiles, interpret=interpret)
+    return xla.matmul_t(dy, w, dtype, dequant=_dequant_fn(route.tiles, interpret))

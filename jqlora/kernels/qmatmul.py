@@ -2,24 +2,20 @@
 
     qmatmul(x, W) = x @ W.T        W: [out, in] (torch layout), x: [..., in]
 
-For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward is a
-fused dequantize-matmul and the backward ``dx = dy @ dequantize(W)`` runs through the same
-kind of kernel; the frozen weight gets no gradient. The back end is chosen here, never by
-callers: the Pallas kernel on TPU, the XLA path (dequantize a chunk, then ``dot``) on CPU
-and GPU. ``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
-
-Why not the Pallas kernel on GPU: on an H200 (benchmarks/RESULTS.md) it is correct but ran
-at 0.2x a bf16 ``dot`` for M >= 1024 rows and 0.06-0.2x for the backward product, where
-whole-weight dequantize-then-dot ran at 0.25-0.8x; and a model's step holds one Triton call
-per projection and direction (417 for SmolLM2-135M), which the GPU compiler did not get
-through in 260 s. It stays available (``backend="pallas"``) until it is tuned.
+For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward
+``x @ W.T`` and the backward ``dx = dy @ dequantize(W)``; the frozen weight gets no
+gradient. The back end is chosen here, never by callers: the Pallas kernel on TPU; on GPU
+the Pallas kernels that `gpu_tiles.TABLES` routes M (the activation's rows) and the
+direction to (a GEMV kernel for small M, a dequantize kernel before XLA's ``dot`` for
+training-sized M); the XLA path (dequantize a chunk, then ``dot``) on CPU.
+``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +31,9 @@ ENV_VAR = "JQLORA_QMATMUL"
 def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
     """The back end that will run ``x @ W.T``: "xla", "pallas_gpu" or "pallas_tpu".
 
-    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic: "pallas_tpu" on TPU, "xla"
-    elsewhere) may name one; "pallas" means the Pallas kernel of the platform (the GPU
-    kernel, interpreted, on a CPU). The kernels need whole blocks within each row
+    ``backend`` (else ``$JQLORA_QMATMUL``, else automatic: "pallas_tpu" on TPU,
+    "pallas_gpu" on GPU, "xla" on CPU) may name one; "pallas" means the Pallas kernels of
+    the platform (the GPU kernels, interpreted, on a CPU). The kernels need whole blocks within each row
     (``in_features % blocksize == 0``); other weights always take the XLA path.
     """
     choice = backend or os.environ.get(ENV_VAR) or None
@@ -45,11 +41,11 @@ def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
         raise ValueError(
             f"qmatmul: unknown backend {choice!r} (from backend= or ${ENV_VAR}); expected one of {BACKENDS}"
         )
-    platform = jax.default_backend()
+    where = platform()
     if choice is None:
-        choice = "pallas_tpu" if platform == "tpu" else "xla"
+        choice = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(where, "xla")
     elif choice == "pallas":
-        choice = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+        choice = "pallas_tpu" if where == "tpu" else "pallas_gpu"
     if choice != "xla" and not kernel_supports(w):
         return "xla"
     return choice
@@ -61,19 +57,62 @@ def kernel_supports(w: QuantizedTensor) -> bool:
     return w.codes.ndim == 2 and w.shape[1] % w.blocksize == 0
 
 
-def _kernels(backend: str):
-    """``(matmul, matmul_t)`` of a back end; Pallas runs interpreted on a CPU."""
+_platform_override: list[str] = []
+
+
+def platform() -> str:
+    """The platform the kernels are built for: `jax.default_backend`, or "gpu" inside
+    `lowering_for_gpu`."""
+    return _platform_override[-1] if _platform_override else jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for_gpu():
+    """Trace for a GPU on a machine without one (to lower with ``lowering_platforms=("cuda",)``).
+
+    Inside, `qmatmul` takes the GPU kernels, compiled rather than interpreted, and (where
+    no GPU is attached) an abstract H100 is the target: jax >= 0.11 lowers a Triton kernel
+    only for a named GPU.
+    """
+    target = contextlib.nullcontext()
+    if jax.default_backend() != "gpu":
+        device = jax.sharding.AbstractDevice("NVIDIA H100", None, "gpu")
+        target = jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+        )
+    _platform_override.append("gpu")
+    try:
+        with target:
+            yield
+    finally:
+        _platform_override.pop()
+
+
+def _kernels(backend: str, m: int):
+    """``(matmul, matmul_t)`` of a back end for ``m`` activation rows.
+
+    The GPU's kernel and tiles come from its row of `gpu_tiles.TABLES` for ``m`` and the
+    direction: the only place a GPU product is routed. Pallas runs interpreted on a CPU.
+    """
     if backend == "xla":
         return xla.matmul, xla.matmul_t
-    interpret = jax.default_backend() == "cpu"
-    mod: types.ModuleType  # imported lazily: each Pallas back end imports its own jax modules
+    interpret = platform() == "cpu"
     if backend == "pallas_gpu":
-        from jqlora.kernels import pallas_gpu as mod
-    else:
-        from jqlora.kernels import pallas_tpu as mod
+        from jqlora.kernels import gpu_tiles, pallas_gpu  # lazily: Triton's jax modules
+
+        return (
+            functools.partial(
+                pallas_gpu.matmul, route=gpu_tiles.route(m, "fwd"), interpret=interpret
+            ),
+            functools.partial(
+                pallas_gpu.matmul_t, route=gpu_tiles.route(m, "bwd"), interpret=interpret
+            ),
+        )
+    from jqlora.kernels import pallas_tpu
+
     return (
-        functools.partial(mod.matmul, interpret=interpret),
-        functools.partial(mod.matmul_t, interpret=interpret),
+        functools.partial(pallas_tpu.matmul, interpret=interpret),
+        functools.partial(pallas_tpu.matmul_t, interpret=interpret),
     )
 
 
@@ -87,15 +126,15 @@ def _zero_cotangent(a):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _qmatmul_2d(x: jax.Array, w: QuantizedTensor, dtype, backend: str) -> jax.Array:
-    return _kernels(backend)[0](x, w, dtype)
+    return _kernels(backend, x.shape[0])[0](x, w, dtype)
 
 
 def _fwd(x, w, dtype, backend):
-    return _kernels(backend)[0](x, w, dtype), w
+    return _kernels(backend, x.shape[0])[0](x, w, dtype), w
 
 
 def _bwd(dtype, backend, w, dy):
-    dx = _kernels(backend)[1](dy, w, dtype)
+    dx = _kernels(backend, dy.shape[0])[1](dy, w, dtype)
     return dx, jax.tree.map(_zero_cotangent, w)
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jqlora.quant import QuantizedTensor, decode_absmax, dequantize
+from jqlora.quant.codebooks import NESTED_BLOCKSIZE
 
 #: Weight elements dequantized per scan step on a CPU (4 MiB of float32 scratch).
 CHUNK_ELEMENTS = 1 << 20
@@ -69,92 +70,120 @@ def plain_absmax(w: QuantizedTensor) -> QuantizedTensor:
     return dataclasses.replace(w, absmax=absmax, nested_absmax=None, offset=None)
 
 
-def _chunk_rows(n_rows: int, k: int, blocksize: int) -> int:
-    """Rows per chunk: a multiple of the rows that make whole blocks, near `chunk_elements`."""
-    align = blocksize // math.gcd(k, blocksize)
+def _chunk_rows(n_rows: int, k: int, blocksize: int, nested: bool = False) -> int:
+    """Rows per chunk: a multiple of the rows that make whole blocks, near `chunk_elements`.
+
+    ``nested``: whole blocks of the double-quantized absmax too (256 blocks), so that a chunk
+    keeps its own slice of ``nested_absmax`` (kernels that decode the absmax themselves).
+    """
+    unit = blocksize * (NESTED_BLOCKSIZE if nested else 1)
+    align = unit // math.gcd(k, unit)
     rows = max(align, (chunk_elements() // k) // align * align)
     return min(rows, n_rows)
 
 
 def _rows(w: QuantizedTensor, start: int, count: int) -> QuantizedTensor:
-    """Rows ``[start, start + count)`` of ``w`` (float absmax), as a `QuantizedTensor`."""
+    """Rows ``[start, start + count)`` of ``w`` as a `QuantizedTensor`."""
     n_rows, k = w.shape
     e0, e1 = start * k, (start + count) * k
     if w.codes.ndim == 2:
         codes = w.codes[start : start + count]
     else:
         codes = w.codes[e0 // 2 : (e1 + 1) // 2]
-    absmax = w.absmax[e0 // w.blocksize : -(-e1 // w.blocksize)]
-    return dataclasses.replace(w, codes=codes, absmax=absmax, shape=(count, k))
-
-
-def _stacked_chunks(w: QuantizedTensor, rows: int, n_chunks: int) -> QuantizedTensor:
-    """The first ``n_chunks * rows`` rows of ``w`` with a leading chunk axis on each array."""
-    head = _rows(w, 0, n_chunks * rows)
-    codes = head.codes.reshape(n_chunks, -1, *head.codes.shape[1:])
-    absmax = head.absmax.reshape(n_chunks, -1)
-    return dataclasses.replace(head, codes=codes, absmax=absmax, shape=(rows, w.shape[1]))
+    b0, b1 = e0 // w.blocksize, -(-e1 // w.blocksize)
+    absmax = w.absmax.reshape(-1)[b0:b1]
+    nested = w.nested_absmax
+    if nested is not None:
+        nested = nested.reshape(-1)[b0 // NESTED_BLOCKSIZE : -(-b1 // NESTED_BLOCKSIZE)]
+    return dataclasses.replace(
+        w, codes=codes, absmax=absmax, nested_absmax=nested, shape=(count, k)
+    )
 
 
 def _split(w: QuantizedTensor):
-    """``(chunks, tail)``: scanned row chunks (or None) and the leftover rows (or None)."""
+    """``(template, stacked, tail)``: the scanned row chunks and the leftover rows.
+
+    ``stacked`` holds the chunks' arrays with a leading chunk axis (or is None) and
+    ``template`` the chunk geometry they fill in (`_chunk`); ``tail`` is the rows after the
+    last whole chunk (or None).
+    """
     n_rows, k = w.shape
-    rows = _chunk_rows(n_rows, k, w.blocksize)
+    rows = _chunk_rows(n_rows, k, w.blocksize, nested=w.nested_absmax is not None)
     n_chunks = n_rows // rows
     if n_chunks <= 1:
-        return None, w
-    chunks = _stacked_chunks(w, rows, n_chunks)
+        return None, None, w
+    head = _rows(w, 0, n_chunks * rows)
+    stacked = {
+        name: getattr(head, name).reshape(n_chunks, -1, *getattr(head, name).shape[1:])
+        for name in ("codes", "absmax", "nested_absmax")
+        if getattr(head, name) is not None
+    }
+    template = dataclasses.replace(head, shape=(rows, k))
     tail = _rows(w, n_chunks * rows, n_rows - n_chunks * rows) if n_rows % rows else None
-    return chunks, tail
+    return template, stacked, tail
 
 
-def matmul(x: jax.Array, w: QuantizedTensor, dtype) -> jax.Array:
+def _chunk(template: QuantizedTensor, arrays: dict) -> QuantizedTensor:
+    return dataclasses.replace(template, **arrays)
+
+
+def _prepare(w: QuantizedTensor, dequant):
+    """``(w, dequant)``: XLA's dequantize takes a decoded absmax; a kernel decodes its own."""
+    w = local_weight(w)
+    if dequant is None:
+        return plain_absmax(w), dequantize
+    return w, dequant
+
+
+def matmul(x: jax.Array, w: QuantizedTensor, dtype, *, dequant=None) -> jax.Array:
     """``x @ dequantize(w).T`` for ``x [M, K]``, ``w [N, K]``: ``[M, N]`` in ``dtype``.
 
-    Inputs in ``dtype``, products accumulated in float32.
+    Inputs in ``dtype``, products accumulated in float32. ``dequant(chunk, dtype)`` makes a
+    chunk's ``[rows, K]`` weight (default: XLA's `dequantize`; the GPU passes its kernel).
     """
-    w = plain_absmax(local_weight(w))
+    w, dequant = _prepare(w, dequant)
     x = x.astype(dtype)
 
     def dot(wc: QuantizedTensor) -> jax.Array:
-        wd = dequantize(wc, dtype)
+        wd = dequant(wc, dtype)
         return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(dtype)
 
-    chunks, tail = _split(w)
+    template, stacked, tail = _split(w)
     parts = []
-    if chunks is not None:
-        ys = jax.lax.map(dot, chunks)  # [n_chunks, M, rows]
-        parts.append(jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], -1))
+    if stacked is not None:
+        ys = jax.lax.map(lambda arrays: dot(_chunk(template, arrays)), stacked)
+        parts.append(jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], -1))  # [M, n_chunks * rows]
     if tail is not None:
         parts.append(dot(tail))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
-def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype) -> jax.Array:
+def matmul_t(dy: jax.Array, w: QuantizedTensor, dtype, *, dequant=None) -> jax.Array:
     """``dy @ dequantize(w)`` for ``dy [M, N]``, ``w [N, K]``: ``[M, K]`` in ``dtype``.
 
     The backward of `matmul` with respect to ``x``; chunk partial sums add up in float32.
+    The ``dot`` contracts the weight's first axis: no transposed copy of it is made.
     """
-    w = plain_absmax(local_weight(w))
+    w, dequant = _prepare(w, dequant)
     dy = dy.astype(dtype)
 
     def dot(dyc: jax.Array, wc: QuantizedTensor) -> jax.Array:
-        wd = dequantize(wc, dtype)
+        wd = dequant(wc, dtype)
         return jnp.einsum("mn,nk->mk", dyc, wd, preferred_element_type=jnp.float32)
 
-    chunks, tail = _split(w)
+    template, stacked, tail = _split(w)
     total = jnp.zeros((dy.shape[0], w.shape[1]), jnp.float32)
     done = 0
-    if chunks is not None:
-        n_chunks, rows = chunks.absmax.shape[0], chunks.shape[0]
+    if stacked is not None:
+        n_chunks, rows = stacked["codes"].shape[0], template.shape[0]
         done = n_chunks * rows
         dys = jnp.moveaxis(dy[:, :done].reshape(dy.shape[0], n_chunks, rows), 1, 0)
 
         def step(acc, xs):
-            dyc, wc = xs
-            return acc + dot(dyc, wc), None
+            dyc, arrays = xs
+            return acc + dot(dyc, _chunk(template, arrays)), None
 
-        total, _ = jax.lax.scan(step, total, (dys, chunks))
+        total, _ = jax.lax.scan(step, total, (dys, stacked))
     if tail is not None:
         total = total + dot(dy[:, done:], tail)
     return total.astype(dtype)
