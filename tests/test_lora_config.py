@@ -279,11 +279,20 @@ def test_check_lora_rejects_paths_params_lack():
 
 
 def test_check_lora_runs_under_jit_and_on_quantized_params():
+    """Under jit, on a 4-bit q_proj (whose packed codes are (16, 8) uint8), the check
+    compares the adapter with the weight's logical shape (16, 16): a fitting adapter
+    passes, one a column short is refused."""
     params = _params()
     q = params["model"]["layers"]["0"]["self_attn"]["q_proj"]
     q["weight"] = jqlora.quantize(q["weight"])
+    checked = jax.jit(lambda p, tree: check_lora(p, tree) or jnp.int32(1))
+    assert int(checked(params, _good_lora())) == 1
     lora = _good_lora()
-    jax.jit(lambda p, tree: check_lora(p, tree) or 0)(params, lora)
+    _q(lora)["a"] = jnp.zeros((2, 15))
+    with pytest.raises(
+        ValueError, match=r"a \(2, 15\) and b \(16, 2\) do not fit the weight \(16, 16\)"
+    ):
+        checked(params, lora)
 
 
 def test_stacked_layers_get_stacked_adapters():

@@ -21,7 +21,9 @@ import torch
 
 import jqlora
 from jqlora.lora import Linear, LoraConfig, LoraSpec, init_lora, merge_lora
+from jqlora.lora.branch import dropout_seed, keep_mask, keep_scale
 from jqlora.lora.dora import dora_linear
+from jqlora.lora.linear import lora_branch, lora_dropout
 
 # Last dimensions multiples of 64: bitsandbytes' CPU dequantize misreads absmax for a last
 # dimension that is a multiple of 16 but not of the blocksize (see REFERENCES).
@@ -250,17 +252,20 @@ def test_dora_magnitude_and_gradients_match_peft():
 
 
 class _FixedDropout(torch.nn.Module):
-    def __init__(self, keep, rate):
+    def __init__(self, keep, scale):
         super().__init__()
-        self.keep, self.rate = keep, rate
+        self.keep, self.scale = keep, scale
 
     def forward(self, x):
-        return torch.where(self.keep, x / (1 - self.rate), 0.0)
+        return torch.where(self.keep, x * self.scale, 0.0)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_dropout_branch_matches_peft(use_dora):
-    """In training with dropout, only the LoRA input is dropped (DoRA: peft's x_d W^T term)."""
+    """In training with dropout, only the LoRA input is dropped (DoRA: peft's x_d W^T term).
+
+    jqlora's layer computes its own mask from the rng, exactly as `Linear` does; peft's
+    dropout module is replaced by one that applies that mask and scale."""
     rate = 0.3
     ref = peft_model(
         torch_model(),
@@ -272,34 +277,50 @@ def test_dropout_branch_matches_peft(use_dora):
     ).train()
     layer = ref.base_model.model.mlp.up_proj
     x = np.random.default_rng(3).normal(size=(6, D)).astype(np.float32)
-    keep = np.random.default_rng(4).random((6, D)) > rate
-    layer.lora_dropout["default"] = _FixedDropout(torch.from_numpy(keep), rate)
+    rng = jax.random.key(4)
+    keep = np.array(keep_mask(dropout_seed(rng), x.shape, rate))
+    assert 0 < keep.mean() < 1
+    layer.lora_dropout["default"] = _FixedDropout(torch.from_numpy(keep), keep_scale(rate))
     with torch.no_grad():
         expected = layer(torch.from_numpy(x)).numpy()
     entry = lora_from_peft(ref, None, dora=use_dora)["mlp"]["up_proj"]
     entry["spec"] = LoraSpec(entry["spec"].scale, rate)
     w = params_of(torch_model())["mlp"]["up_proj"]["weight"]
-    xj, dropped = jnp.asarray(x), jnp.asarray(np.where(keep, x / (1 - rate), 0.0), jnp.float32)
+    xj = jnp.asarray(x)
     if use_dora:
-        got = dora_linear(xj, xj @ w.T, w, entry, dropped)
+        got = dora_linear(xj, xj @ w.T, w, entry, lora_dropout(xj, rate, rng))
     else:
-        got = xj @ w.T + (dropped @ entry["a"].T @ entry["b"].T) * entry["spec"].scale
+        got = xj @ w.T + lora_branch(xj, entry, dropout_rng=rng)
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
 
 
 def test_dropout_needs_rng_and_has_the_right_rate():
-    params = params_of(torch_model())
-    lora = init_lora(
-        jax.random.key(0), params, LoraConfig(r=4, dropout=0.5, target_modules=["q_proj"])
-    )
-    lora["attn"]["q_proj"]["b"] = jnp.ones_like(lora["attn"]["q_proj"]["b"])
-    x = x_input()
-    assert np.array_equal(
-        run_flax(params, lora, x), run_flax(params, lora, x)
-    )  # no rng: no dropout
-    a = run_flax(params, lora, x, rngs={"dropout": jax.random.key(1)})
-    b = run_flax(params, lora, x, rngs={"dropout": jax.random.key(2)})
-    assert not np.allclose(a, b)
+    """Through the Flax layer: no rng, no dropout; with one, the LoRA input loses a
+    fraction ``rate`` of its elements and the rest are scaled by 1 / (1 - rate).
+
+    With a zero base weight and a = b = identity (r = D), the layer's output is
+    dropout(x) itself, so the mask and its scale can be read off directly."""
+    rate = 0.3
+    params = {"proj": {"weight": jnp.zeros((D, D))}}
+    eye = jnp.eye(D)
+    lora = {"proj": {"a": eye, "b": eye, "spec": LoraSpec(1.0, rate)}}
+    x = jnp.ones((256, D), jnp.float32)
+
+    def run(rngs=None):
+        layer = Linear(D, name="proj")
+        return np.asarray(
+            layer.apply({"params": params["proj"], "lora": lora["proj"]}, x, rngs=rngs)
+        )
+
+    np.testing.assert_array_equal(run(), x)  # no rng: no dropout
+    a = run({"dropout": jax.random.key(1)})
+    b = run({"dropout": jax.random.key(2)})
+    assert not np.array_equal(a, b)  # a new key, a new mask
+    for out in (a, b):
+        kept = out != 0
+        np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-6)
+        # 16384 Bernoulli draws: the drop fraction's standard deviation is 0.0036; 5 of them.
+        assert abs(1 - kept.mean() - rate) < 0.018, 1 - kept.mean()
 
 
 # --- merge ----------------------------------------------------------------------------

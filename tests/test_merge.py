@@ -64,7 +64,12 @@ def test_merged_checkpoint_matches_peft_merge(tmp_path, family, variant):
 
 
 def test_merge_bfloat16_output(tmp_path):
-    _base_and_adapter(tmp_path, "llama")
+    """``--dtype bfloat16`` writes peft's float32 merge rounded to bfloat16, every tensor."""
+    peft_model = _base_and_adapter(tmp_path, "llama")
+    expected = {
+        name: t.detach().to(torch.bfloat16)
+        for name, t in peft_model.merge_and_unload().state_dict().items()
+    }
     out = tmp_path / "out"
     assert (
         main(
@@ -85,7 +90,12 @@ def test_merge_bfloat16_output(tmp_path):
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert sorted(f.keys()) == sorted(expected)
+        for name in f.keys():
+            got = f.get_tensor(name)
+            assert got.dtype == torch.bfloat16, name
+            # jqlora merges in float32 as peft does, then rounds: the very same bits
+            assert torch.equal(got, expected[name]), name
 
 
 def _base64_and_adapter(tmp_path):

@@ -217,8 +217,10 @@ def test_finetune_adapter_names_the_default_model_by_its_hub_name(bases, tmp_pat
     base_dir, _, params = bases("llama")
     config = jqlora.LoraConfig(r=2, target_modules=["q_proj"])
     lora = jqlora.init_lora(jax.random.PRNGKey(0), params, config)
-    for model, expected in ((smollm2.MODEL_NAME, smollm2.HUB_NAME), (str(base_dir),) * 2):
-        out = tmp_path / str(len(expected))
+    for i, (model, expected) in enumerate(
+        ((smollm2.MODEL_NAME, smollm2.HUB_NAME), (str(base_dir),) * 2)
+    ):
+        out = tmp_path / f"adapter{i}"
         out.mkdir()
         _save_adapter(str(out), lora, config, model)
         written = json.loads((out / "adapter_config.json").read_text())
