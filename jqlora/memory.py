@@ -8,7 +8,9 @@
   one f32 offset, else as f32), everything else (embeddings, norms, biases, ``lm_head``)
   in the compute dtype;
 * **LoRA parameters, their gradients and the optimizer state**: float32, 4 bytes each, and
-  AdamW's two moments, 8 bytes per LoRA parameter (in host memory with ``offload``);
+  the optimizer's state for them, counted from its own ``init`` (AdamW: two float32
+  moments, 8 bytes per LoRA parameter; 8-bit AdamW: 2 bytes plus an absmax per 256;
+  in host memory with ``offload``);
 * **activations** saved for the backward pass, in the compute dtype (see
   ``activation_bytes``), and the logits with the float32 loss computation (one chunk of
   tokens at a time where the loss applies the output head itself);
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jqlora.hf.quant_config import QuantConfig, as_quant_config
 from jqlora.kernels.xla import CHUNK_ELEMENTS
@@ -39,6 +42,7 @@ from jqlora.lora.targets import dotted, get_in, linear_modules
 from jqlora.models import model_for_config
 from jqlora.quant.codebooks import NESTED_BLOCKSIZE
 from jqlora.train.head_loss import chunk_tokens
+from jqlora.train.optimizers import make_optimizer
 
 GB = 1e9
 
@@ -296,6 +300,15 @@ def _abstract_params(config_json: str, dtype: str):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
 
 
+def optimizer_state_bytes(optimizer: str | optax.GradientTransformation, lora) -> int:
+    """Bytes of ``optimizer``'s state for the adapters ``lora`` (arrays or shapes), from
+    ``jax.eval_shape`` of its ``init``: nothing is allocated."""
+    if isinstance(optimizer, str):
+        optimizer = make_optimizer(name=optimizer)
+    state = jax.eval_shape(optimizer.init, lora)
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
 def estimate_memory(
     config,
     lora_config: LoraConfig | None = None,
@@ -306,7 +319,7 @@ def estimate_memory(
     offload: bool = False,
     remat: bool = False,
     compute_dtype="bfloat16",
-    optimizer_bytes_per_param: int = 8,
+    optimizer: str | optax.GradientTransformation = "adamw",
     backend: str = "kernel",
 ) -> MemoryEstimate:
     """Device (and host) memory of one train step; see the module doc for what is counted.
@@ -314,8 +327,9 @@ def estimate_memory(
     ``config``: a Hugging Face config (dict, transformers config object, config.json path
     or model directory). ``lora_config`` defaults to ``LoraConfig()``. ``quantization``:
     ``"nf4"`` / ``"fp4"`` / a ``QuantConfig`` (default NF4, double quantization, blocksize
-    64, ``lm_head`` skipped) or ``None`` (16-bit base). ``optimizer_bytes_per_param``: 8
-    for AdamW's two f32 moments. ``backend``: ``"kernel"`` (the Pallas kernels read the
+    64, ``lm_head`` skipped) or ``None`` (16-bit base). ``optimizer``: a name of
+    ``jqlora.train.optimizers.OPTIMIZERS`` or any optax transformation; its state is
+    measured on the adapters' shapes (``optimizer_state_bytes``). ``backend``: ``"kernel"`` (the Pallas kernels read the
     4-bit codes directly: the TPU default; on a GPU, whose default XLA path dequantizes one
     weight of up to 2^24 elements per matmul, it leaves that one weight out, at most 32 MiB
     in bfloat16, if XLA's GPU scheduler does not run the dequantizations early, which has
@@ -356,7 +370,7 @@ def estimate_memory(
     head_quantized = "lm_head" in params and quant is not None and quant.quantizes("lm_head")
     fused = "lm_head" not in lora and not head_quantized
     logits = logits_bytes(s, batch_size, seq_len, dbytes, fused)
-    opt = optimizer_bytes_per_param * lora_params
+    opt = optimizer_state_bytes(optimizer, lora)
 
     def lora_column(name, base):
         device = {

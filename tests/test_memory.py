@@ -70,11 +70,11 @@ def test_llama2_7b_figures():
         0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-4
     )
     assert est.qlora.device["base weights"] < 4e9  # vs 13.5 GB in 16 bits
-    assert est.qlora.device["optimizer state"] == 8 * est.lora_params
+    assert est.qlora.device["optimizer state"] == 8 * est.lora_params + 4  # + Adam's count
     off = estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=64), 1, 512, offload=True)
     assert (
         off.qlora.device["optimizer state"] == 0
-        and off.qlora.host["optimizer state"] == 8 * est.lora_params
+        and off.qlora.host["optimizer state"] == 8 * est.lora_params + 4
     )
     remat = estimate_memory(LLAMA2_7B, jqlora.LoraConfig(r=64), 1, 512, remat=True)
     assert remat.qlora.device["activations"] < 0.2 * est.qlora.device["activations"]

@@ -352,3 +352,31 @@ def codebook(quant_type: str) -> np.ndarray:
     if quant_type == "fp4":
         return FP4
     raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """``bitsandbytes.functional.create_dynamic_map(signed)``: 256 increasing float32 values in
+    [-1, 1] (signed) or [0, 1] (unsigned), with 0 and 1 exact.
+
+    Seven decades ``10**-6 .. 10**-1`` each hold ``2**i`` (signed: per sign) or ``2**(i+1)``
+    (unsigned) values, the midpoints of float32 ``linspace(0.1, 1, n + 1)`` scaled by the
+    decade, so small magnitudes keep a relative precision that a linear map loses.
+    bitsandbytes' 8-bit optimizers store the first moment on the signed map and the second
+    on the unsigned one. Computed as torch computes it (a fused multiply-add per linspace
+    entry, float32 products), so the values are bit-identical.
+    """
+    data = [0.0, 1.0]
+    for i in range(7):
+        n = 2 ** (i + (0 if signed else 1))
+        start, end = np.float32(0.1), np.float32(1.0)
+        step = np.float64(np.float32((end - start) / np.float32(n)))
+        k = np.arange(n + 1)
+        ramp = np.where(k < (n + 1) // 2, start + step * k, end - step * (n - k)).astype(np.float32)
+        means = (ramp[:-1] + ramp[1:]) / np.float32(2)
+        scaled = np.float32(10.0 ** (i - 6)) * means
+        data += scaled.tolist() + ((-scaled).tolist() if signed else [])
+    return np.sort(np.asarray(data, np.float32))
+
+
+#: The unsigned dynamic map (second moments of 8-bit AdamW); 0.0 at index 0.
+DYNAMIC_UNSIGNED = dynamic_map(signed=False)

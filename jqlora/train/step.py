@@ -61,6 +61,7 @@ import optax
 from jqlora.lora.check import check_lora
 from jqlora.quant import QuantizedTensor
 from jqlora.train.head_loss import fused_next_token_loss
+from jqlora.train.optimizers import make_optimizer  # noqa: F401  (part of this module's API)
 
 IGNORE_INDEX = -100
 
@@ -210,29 +211,6 @@ def _plain_head_weight(model, params, lora) -> jax.Array | None:
     if isinstance(weight, QuantizedTensor) or weight is None or adapter is not None:
         return None
     return weight
-
-
-def make_optimizer(
-    learning_rate: float | optax.Schedule = 2e-4,
-    *,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = 0.3,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-) -> optax.GradientTransformation:
-    """Gradient clipping to ``max_grad_norm`` (global L2 norm; QLoRA uses 0.3) then AdamW.
-
-    Any optax ``GradientTransformation`` may be used instead; wrap it in
-    ``jqlora.offload`` to keep its state in host memory, or in ``optax.MultiSteps`` to
-    accumulate gradients over several batches.
-    """
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    if max_grad_norm is None:
-        return adamw
-    if max_grad_norm <= 0:
-        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
 
 def init_train_state(lora, optimizer: optax.GradientTransformation) -> TrainState:
