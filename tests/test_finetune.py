@@ -8,6 +8,7 @@ import shutil
 import types
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 from safetensors.numpy import load_file
@@ -65,18 +66,18 @@ def test_run_killed_during_a_save_resumes_to_the_identical_adapter(
 
     # The second run dies while writing its step-4 checkpoint: the files are written, the
     # rename that publishes them never happens.
-    rename = os.rename
+    finalize = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
 
-    def killed_at_step_4(src, dst):
-        if os.path.basename(dst) == "step_00000004":
+    async def killed_at_step_4(self):
+        if self.get_final().name == "step_00000004":
             raise KeyboardInterrupt("killed")
-        rename(src, dst)
+        await finalize(self)
 
     out = str(tmp_path / "resumed")
-    monkeypatch.setattr(ckpt.os, "rename", killed_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        loop.finetune(model_dir, data, out, steps=5, **RUN)
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with monkeypatch.context() as killed:
+        killed.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", killed_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            loop.finetune(model_dir, data, out, steps=5, **RUN)
     assert ckpt.latest_checkpoint(os.path.join(out, "checkpoints")).endswith("step_00000002")
 
     resumed = loop.finetune(model_dir, data, out, steps=5, resume=True, **RUN)
@@ -223,11 +224,12 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
     assert "scan_layers" in capsys.readouterr().err
     # ...and a checkpoint written before the setting existed resumes as an unscanned run.
     latest = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
-    with open(os.path.join(latest, "meta.json")) as f:
+    meta_file = os.path.join(latest, "meta", "metadata")  # orbax's JSON item
+    with open(meta_file) as f:
         saved = json.load(f)
     run_args = dict(saved["meta"]["args"])
     del saved["meta"]["args"]["scan_layers"]
-    with open(os.path.join(latest, "meta.json"), "w") as f:
+    with open(meta_file, "w") as f:
         json.dump(saved, f)
     resume = types.SimpleNamespace(out=out, resume=True)
     assert checkpoint_to_resume(resume, run_args) == latest
