@@ -110,3 +110,14 @@ def test_offloaded_optimizer_state_comes_back_in_host_memory(tmp_path):
     restored, _, _ = ckpt.restore_checkpoint(path, opt_state)
     assert [x.sharding.memory_kind for x in jax.tree.leaves(restored)] == kinds
     assert same(restored, opt_state)
+
+
+def test_a_checkpoint_of_the_earlier_npz_format_is_refused_with_a_reason(tmp_path):
+    old = tmp_path / "step_00000002"
+    old.mkdir()
+    (old / "meta.json").write_text('{"step": 2, "meta": {}, "leaves": []}')
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(old)
+    with pytest.raises(ValueError, match="earlier jqlora .* start the run afresh"):
+        ckpt.read_meta(str(old))
+    with pytest.raises(ValueError, match="earlier jqlora"):
+        ckpt.restore_checkpoint(str(old), state())

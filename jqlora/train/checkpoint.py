@@ -148,6 +148,11 @@ def latest_checkpoint(directory: str) -> str | None:
 def _read_saved(path: str) -> dict:
     import orbax.checkpoint as ocp
 
+    if os.path.exists(os.path.join(path, "meta.json")):
+        raise ValueError(
+            f"{path}: a checkpoint of an earlier jqlora (arrays.npz + meta.json), which this "
+            "version does not read; start the run afresh in another output directory"
+        )
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         return checkpointer.restore(os.path.join(os.path.abspath(path), "meta"))
 
