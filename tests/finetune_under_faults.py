@@ -2,20 +2,19 @@
 
     python finetune_under_faults.py [--pause-at EVENT:N] finetune ARGS...
 
-Runs ``jqlora.app.cli.main(["finetune", ...])`` in this process after wrapping what
-``jqlora.train.checkpoint`` calls (its ``os``, ``np`` and ``shutil``), the train step and
-the adapter writer, so that each of these moments prints a line ``@@ EVENT [STEP]`` to
+Runs ``jqlora.app.cli.main(["finetune", ...])`` in this process after wrapping the moments
+of orbax's atomic save (creating and renaming its temporary directories), what
+``jqlora.train.checkpoint`` deletes (its ``shutil``), the train step and the adapter writer, so that each of these moments prints a line ``@@ EVENT [STEP]`` to
 stdout (flushed at once):
 
     start               before jqlora is imported
     step                after each call of the train step
     save.begin STEP     a checkpoint save starts
-    save.tmp-created    its temporary directory exists, empty
-    save.npz-half       half of arrays.npz is written
-    save.npz-synced     arrays.npz is written and fsynced
-    save.meta-synced    meta.json is written and fsynced (the rename comes next)
+    save.tmp-created    orbax created its temporary step directory
+    save.state-written  the arrays item is complete (renamed into place inside it)
+    save.meta-written   the JSON metadata item is complete
     save.published      the checkpoint is renamed into place
-    save.removing-old   a directory is being deleted: one file of it is gone
+    save.removing-old   a pruned checkpoint is being deleted: one file of it is gone
     save.done STEP      the save returned
     adapter.begin       the final PEFT adapter is about to be written
 
@@ -27,7 +26,6 @@ writes; only the moments in between are exposed.
 from __future__ import annotations
 
 import collections
-import io
 import os
 import sys
 import time
@@ -59,48 +57,37 @@ class _Proxy:
 def _install_hooks() -> None:
     import shutil
 
-    import numpy as np
+    import orbax.checkpoint as ocp
 
     from jqlora.app import prepare
     from jqlora.hf import peft
     from jqlora.train import checkpoint as ckpt
 
-    def makedirs(path, *args, **kwargs):
-        os.makedirs(path, *args, **kwargs)
-        if os.path.basename(path).startswith(".tmp-step_"):
+    atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
+    create, finalize = atomic.create, atomic.finalize
+
+    async def created(self):
+        path = await create(self)
+        if ckpt._NAME.match(self.get_final().name):
             emit("save.tmp-created")
+        return path
 
-    def fsync(fd):
-        os.fsync(fd)
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        if name == "arrays.npz":
-            emit("save.npz-synced")
-        elif name == "meta.json":
-            emit("save.meta-synced")
-
-    def rename(src, dst):
-        os.rename(src, dst)
-        if ckpt._NAME.match(os.path.basename(dst)):
+    async def finalized(self):
+        await finalize(self)
+        name = self.get_final().name
+        if ckpt._NAME.match(name):
             emit("save.published")
-
-    def savez(file, **arrays):
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        data = buffer.getvalue()
-        file.write(data[: len(data) // 2])
-        file.flush()
-        emit("save.npz-half")
-        file.write(data[len(data) // 2 :])
+        elif name in ("state", "meta"):
+            emit(f"save.{name}-written")
 
     def rmtree(path, *args, **kwargs):
-        files = sorted(os.listdir(path)) if os.path.isdir(path) else []
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
         if files:
-            os.remove(os.path.join(path, files[0]))
+            os.remove(files[0])
             emit("save.removing-old")
         shutil.rmtree(path, *args, **kwargs)
 
-    ckpt.os = _Proxy(os, makedirs=makedirs, fsync=fsync, rename=rename)
-    ckpt.np = _Proxy(np, savez=savez)
+    atomic.create, atomic.finalize = created, finalized
     ckpt.shutil = _Proxy(shutil, rmtree=rmtree)
 
     save_checkpoint = ckpt.save_checkpoint

@@ -83,12 +83,14 @@ def train(
     batch=None,
     whole_state: bool = False,
     offload: bool = False,
+    start=None,
 ):
     """``(losses, state)`` after ``steps`` steps; on ``mesh`` when given (via ``jqlora.shard``,
     or ``jqlora.shard_train_state`` with ``whole_state``).
 
     ``batch`` overrides the setup's batch (a process's rows in a multi-process run);
-    ``offload`` keeps the optimizer state in host memory (``jqlora.offload``).
+    ``offload`` keeps the optimizer state in host memory (``jqlora.offload``);
+    ``start`` is a train state to continue from (placed as this function places its own).
     """
     from jqlora.sharding import shard, shard_batch, shard_train_state
     from jqlora.train.offload import offload as offloaded
@@ -107,6 +109,7 @@ def train(
         params, lora, opt_state = shard(params, state.lora, state.opt_state, mesh)
         state = state._replace(lora=lora, opt_state=opt_state)
         batch = shard_batch(batch, mesh)
+    state = state if start is None else start
     step = make_train_step(model(), opt, compute_dtype=jnp.float32)
     losses = []
     for _ in range(steps):

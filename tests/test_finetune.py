@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import yaml
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
@@ -68,18 +69,18 @@ def test_run_killed_during_a_save_resumes_to_the_identical_adapter(
 
     # The second run dies while writing its step-4 checkpoint: the files are written, the
     # rename that publishes them never happens.
-    rename = os.rename
+    finalize = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
 
-    def killed_at_step_4(src, dst):
-        if os.path.basename(dst) == "step_00000004":
+    async def killed_at_step_4(self):
+        if self.get_final().name == "step_00000004":
             raise KeyboardInterrupt("killed")
-        rename(src, dst)
+        await finalize(self)
 
     out = str(tmp_path / "resumed")
-    monkeypatch.setattr(ckpt.os, "rename", killed_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        loop.finetune(model=model_dir, data=data, out=out, steps=5, **RUN)
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with monkeypatch.context() as killed:
+        killed.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", killed_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            loop.finetune(model=model_dir, data=data, out=out, steps=5, **RUN)
     assert ckpt.latest_checkpoint(os.path.join(out, "checkpoints")).endswith("step_00000002")
 
     resumed = loop.finetune(model=model_dir, data=data, out=out, steps=5, resume=True, **RUN)

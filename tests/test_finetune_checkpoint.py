@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jqlora.lora.spec import LoraSpec
@@ -67,7 +68,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk died")
 
-    monkeypatch.setattr(ckpt.np, "savez", crash)  # dies half-way through writing step 4
+    # Dies half-way through writing step 4: its arrays are written, its metadata is not.
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", crash)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(str(tmp_path), 4, state(1), {})
     monkeypatch.undo()
@@ -108,3 +110,14 @@ def test_offloaded_optimizer_state_comes_back_in_host_memory(tmp_path):
     restored, _, _ = ckpt.restore_checkpoint(path, opt_state)
     assert [x.sharding.memory_kind for x in jax.tree.leaves(restored)] == kinds
     assert same(restored, opt_state)
+
+
+def test_a_checkpoint_of_the_earlier_npz_format_is_refused_with_a_reason(tmp_path):
+    old = tmp_path / "step_00000002"
+    old.mkdir()
+    (old / "meta.json").write_text('{"step": 2, "meta": {}, "leaves": []}')
+    assert ckpt.latest_checkpoint(str(tmp_path)) == str(old)
+    with pytest.raises(ValueError, match="earlier jqlora .* start the run afresh"):
+        ckpt.read_meta(str(old))
+    with pytest.raises(ValueError, match="earlier jqlora"):
+        ckpt.restore_checkpoint(str(old), state())

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from checkpoint_files import checkpoint_arrays, disk_bytes, small_disk
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 
@@ -75,13 +76,7 @@ def poison(monkeypatch, bad_micro_batches):
 
 def arrays(path) -> dict[str, np.ndarray]:
     """A checkpoint's leaves by tree path."""
-    with open(os.path.join(path, "meta.json")) as f:
-        leaves = json.load(f)["leaves"]
-    with np.load(os.path.join(path, "arrays.npz")) as npz:
-        return {
-            info["path"]: npz[f"leaf_{i:05d}"].view(np.dtype(info["dtype"]))
-            for i, info in enumerate(leaves)
-        }
+    return checkpoint_arrays(path)
 
 
 def step_dir(out, step) -> str:
@@ -329,33 +324,28 @@ def test_on_nonfinite_is_checked():
 # --- a full disk --------------------------------------------------------------------------
 
 
-def fill_disk_after(monkeypatch, saves_that_succeed: int):
-    """np.savez writes half a checkpoint, then fails as a full disk does, from save N+1 on."""
-    savez, calls = np.savez, []
-
-    def savez_on_a_full_disk(file, **arrays):
-        calls.append(1)
-        if len(calls) <= saves_that_succeed:
-            return savez(file, **arrays)
-        file.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(ckpt.np, "savez", savez_on_a_full_disk)
-
-
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    lora = {"a": jnp.arange(6.0), "b": jnp.ones((2, 3), jnp.bfloat16)}
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    # Random values (incompressible): one checkpoint fits the disk, a second does not.
+    lora = {
+        "a": jax.random.normal(jax.random.key(0), (20_000,)),
+        "b": jnp.ones((2, 3), jnp.bfloat16),
+    }
     tree = {"lora": lora, "opt": optax.adam(1e-3).init(lora), "rng": jax.random.key(3)}
-    first = ckpt.save_checkpoint(str(tmp_path), 2, tree, {"data_position": 2})
-    fill_disk_after(monkeypatch, 0)
-    with pytest.raises(ckpt.DiskFullError) as caught:
-        ckpt.save_checkpoint(str(tmp_path), 4, jax.tree.map(lambda x: x, tree), {})
-    message = str(caught.value)
-    assert str(tmp_path / "step_00000004") in message and "the disk is full" in message
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("step_00000004")
-    assert os.listdir(tmp_path) == ["step_00000002"]  # nothing half-written is left
-    assert ckpt.latest_checkpoint(str(tmp_path)) == first
-    restored, step, meta = ckpt.restore_checkpoint(first, tree)
+    ckpt.save_checkpoint(str(tmp_path / "measure"), 2, tree, {"data_position": 2})
+    one = disk_bytes(tmp_path / "measure")
+    disk = tmp_path / "disk"
+    with small_disk(disk, one * 3 // 2):
+        first = ckpt.save_checkpoint(str(disk), 2, tree, {"data_position": 2})
+        with pytest.raises(ckpt.DiskFullError) as caught:
+            ckpt.save_checkpoint(str(disk), 4, jax.tree.map(lambda x: x, tree), {})
+        message = str(caught.value)
+        assert str(disk / "step_00000004") in message and "the disk is full" in message
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith(
+            "step_00000004"
+        )
+        assert os.listdir(disk) == ["step_00000002"]  # nothing half-written is left
+        assert ckpt.latest_checkpoint(str(disk)) == first
+        restored, step, meta = ckpt.restore_checkpoint(first, tree)
     assert step == 2 and meta == {"data_position": 2}
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree), strict=True):
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -369,9 +359,14 @@ def test_cli_reports_a_full_disk_and_the_run_resumes_after_it(
     model_dir, data = tiny
     out = tmp_path / "full"
     poison(monkeypatch, [])
-    with monkeypatch.context() as disk:
-        fill_disk_after(disk, 1)  # step 2 is saved, the save of step 4 hits the full disk
-        assert main(cli_args(model_dir, data, out, 5, "--save-every", "2")) == 1
+    # A disk with room for one checkpoint: step 2 is saved, the save of step 4 fails.
+    one = disk_bytes(step_dir(clean, 2))
+    with small_disk(out / "checkpoints", one * 3 // 2) as remount:
+        _cli_full_disk_then_resume(model_dir, data, out, clean, capsys, remount, one)
+
+
+def _cli_full_disk_then_resume(model_dir, data, out, clean, capsys, remount, one):
+    assert main(cli_args(model_dir, data, out, 5, "--save-every", "2")) == 1
     err = capsys.readouterr().err
     failed, kept = step_dir(str(out), 4), step_dir(str(out), 2)
     assert f"jqlora finetune: error: cannot save checkpoint {failed}: the disk is full" in err
@@ -381,6 +376,7 @@ def test_cli_reports_a_full_disk_and_the_run_resumes_after_it(
     assert same_bits(arrays(kept), arrays(step_dir(clean, 2)))
 
     # Space freed: --resume continues from step 2 and ends where the clean run ended.
+    remount(one * 10)
     loop.finetune(
         model=model_dir, data=data, out=str(out), steps=5, save_every=2, resume=True, **RUN, **QUIET
     )

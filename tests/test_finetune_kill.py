@@ -24,9 +24,11 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
+from checkpoint_files import checkpoint_arrays
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
+
+from jqlora.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +38,8 @@ KILLS = 20
 SAVE_PHASES = (
     "save.begin",
     "save.tmp-created",
-    "save.npz-half",
-    "save.npz-synced",
-    "save.meta-synced",
+    "save.state-written",
+    "save.meta-written",
     "save.published",
     "save.removing-old",
     "save.done",
@@ -128,26 +129,20 @@ def complete_checkpoints(ckpt_dir) -> list[int]:
     for name in sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []:
         match = CHECKPOINT.match(name)
         if not match:
-            continue  # a temporary or doomed directory: ignored by resume
+            continue  # a temporary or pruned directory: ignored by resume
         path = os.path.join(ckpt_dir, name)
-        with open(os.path.join(path, "meta.json")) as f:
-            saved = json.load(f)
+        saved = ckpt._read_saved(path)
         assert saved["step"] == int(match[1]), path
-        with np.load(os.path.join(path, "arrays.npz")) as npz:
-            assert sorted(npz.files) == [f"leaf_{i:05d}" for i in range(len(saved["leaves"]))]
-            for i, info in enumerate(saved["leaves"]):
-                raw = npz[f"leaf_{i:05d}"]
-                size = int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
-                assert raw.size == size, (path, info)
+        arrays = checkpoint_arrays(path)  # every array reads back whole
+        assert sorted(list(a.shape) for a in arrays.values()) == sorted(
+            leaf["shape"] for leaf in saved["leaves"]
+        ), path
         steps.append(int(match[1]))
     return steps
 
 
-def checkpoint_arrays(path) -> dict[str, bytes]:
-    with open(os.path.join(path, "meta.json")) as f:
-        leaves = json.load(f)["leaves"]
-    with np.load(os.path.join(path, "arrays.npz")) as npz:
-        return {info["path"]: npz[f"leaf_{i:05d}"].tobytes() for i, info in enumerate(leaves)}
+def checkpoint_bytes(path) -> dict[str, bytes]:
+    return {k: v.tobytes() for k, v in checkpoint_arrays(path).items()}
 
 
 def metrics(out) -> list[tuple]:
@@ -259,7 +254,7 @@ def test_twenty_sigkills_resume_to_the_uninterrupted_run(tmp_path):
     assert complete_checkpoints(ckpt_dir) == complete_checkpoints(whole / "checkpoints")
     for step in complete_checkpoints(ckpt_dir):
         name = f"step_{step:08d}"
-        assert checkpoint_arrays(ckpt_dir / name) == checkpoint_arrays(whole / "checkpoints" / name)
+        assert checkpoint_bytes(ckpt_dir / name) == checkpoint_bytes(whole / "checkpoints" / name)
     got = metrics(out)
     assert [m[0] for m in got] == list(range(1, STEPS + 1))
     assert got == metrics(whole)

@@ -2,7 +2,9 @@
 localhost, CPU collectives over gloo): 2 processes x 2 devices (mesh fsdp=2,data=2: the
 quantized base is split across the processes) and 4 processes x 1 device (data=4). Each process
 loads only its rows of the batch; the result must equal the single-process run, and the
-orbax checkpoint written by all processes must restore exactly.
+orbax checkpoint written by all processes must restore exactly, and a run resumed from
+its training checkpoint (``jqlora.train.checkpoint``) must continue bit for bit as the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def reference(tmp_path_factory):
     setup = mesh_setup.build()
     path = tmp_path_factory.mktemp("multiprocess") / "setup.pkl"
     mesh_setup.save(setup, path)
-    losses, state, _ = mesh_setup.train(setup)
-    return path, losses, jax.tree.map(np.asarray, state.lora)
+    losses, state, _ = mesh_setup.train(setup, steps=2 * mesh_setup.STEPS)
+    _, first, _ = mesh_setup.train(setup)
+    return path, losses, jax.tree.map(np.asarray, first.lora), jax.tree.map(np.asarray, state.lora)
 
 
 def _free_port() -> int:
@@ -91,16 +94,30 @@ def _tails(workdir, n: int) -> str:
 
 @pytest.mark.parametrize("n, devices, mesh", [(2, 2, "fsdp=2,data=2"), (4, 1, "data=4")])
 def test_multiprocess_training_equals_single_process(reference, tmp_path, n, devices, mesh):
-    setup_path, ref_losses, ref_lora = reference
+    setup_path, ref_losses, ref_lora, ref_lora_twice = reference
     results = _run(setup_path, tmp_path, n, devices, mesh)
     rows = mesh_setup.BATCH // n
     for i, r in enumerate(results):
         assert r["rows"] == (i * rows, (i + 1) * rows)  # each process loaded only its rows
-        np.testing.assert_allclose(r["losses"], ref_losses, rtol=1e-5)
+        np.testing.assert_allclose(r["losses"], ref_losses[: mesh_setup.STEPS], rtol=1e-5)
         assert mesh_setup.rel_diff(r["lora"], ref_lora) <= 1e-5
         assert r["restored_equal"] and r["restored_specs_equal"]
+        # The training checkpoint: written by all processes, restored bit for bit onto the
+        # same shardings, and the resumed run is the uninterrupted one, bit for bit.
+        assert r["resumed_from"] == (
+            str(tmp_path / "checkpoints" / f"step_{mesh_setup.STEPS:08d}"),
+            mesh_setup.STEPS,
+            {"rows": 1},
+        )
+        assert r["restored_ckpt_equal"] and r["resumed_specs_equal"]
+        assert r["resumed_losses"] == r["whole_losses"][mesh_setup.STEPS :]
+        assert r["resumed_equal"]
+        # ...and both equal the single-process run of 2 * STEPS steps (tolerance as above).
+        np.testing.assert_allclose(r["whole_losses"], ref_losses, rtol=1e-5)
+        assert mesh_setup.rel_diff(r["resumed_lora"], ref_lora_twice) <= 1e-5
     assert results[-1]["losses"][-1] < results[-1]["losses"][0]
     if "fsdp" in mesh:  # each process holds half of the codes, one quarter per device
+        assert all(r["state_spans_processes"] for r in results)  # np.asarray could not save it
         out, half_in = results[0]["codes_shape"]
         assert all(
             shape == (out // 2, half_in) for r in results for shape in r["codes_local_shapes"]

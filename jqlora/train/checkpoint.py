@@ -1,26 +1,29 @@
-"""Atomic checkpoints of a training run: any pytree of arrays plus a JSON dict of metadata.
+"""Checkpoints of a training run with orbax: any pytree of arrays plus a JSON dict of metadata.
 
-Layout: ``DIR/step_00000040/{arrays.npz, meta.json}``. A checkpoint is written into a
-temporary directory beside it, flushed to disk, and renamed into place in one
-``os.rename``: a directory named ``step_*`` is always complete, so a run killed at any
-moment (during a save too) resumes from the newest one and loses nothing before it.
-A save that fails (a full disk raises ``DiskFullError``, naming the checkpoint) removes
-what it wrote, and pruning renames an old checkpoint away before deleting it.
+Layout (orbax's ``CheckpointManager``, one format for one process and for many):
+``DIR/step_00000040/{state/, meta/}``: ``state`` holds the arrays (orbax's standard
+pytree format; every process writes its own shards of arrays sharded across processes),
+``meta`` the JSON dict, the step and each leaf's path and shape.
 
-Arrays are stored as their raw bytes with dtype and shape recorded, so a restore is
-bit-exact for every dtype (bfloat16, uint8 codes, PRNG key data). Restoring needs a
-*template* tree of the same structure (the freshly initialised state); each restored leaf
-takes the template leaf's sharding, so state kept in host memory stays there.
+Atomic: orbax writes a checkpoint into ``step_*.orbax-checkpoint-tmp`` and renames it
+into place once it is complete, so a directory named ``step_*`` is always complete and a
+run killed at any moment (during a save too) resumes from the newest one and loses
+nothing before it. Saves are synchronous (``save_checkpoint`` returns once the
+checkpoint is published). Keep-last-N is orbax's ``max_to_keep``; a checkpoint it prunes
+is first renamed out of the ``step_*`` namespace (into ``DIR/.deleted/``) and then
+removed, so a kill during the removal never leaves a half-deleted ``step_*``. A save
+that fails removes what it wrote; a full disk raises ``DiskFullError`` naming the
+checkpoint.
 
-Why not orbax: the trees here are small (LoRA + optimizer state), restore must be
-bit-exact and keep memory kinds, and a single atomic rename of a plain directory is the
-whole guarantee we need, on every jax version the project supports.
+Restoring needs a *template* tree of the same structure (the freshly initialised
+state); each restored leaf takes the template leaf's sharding, memory kind included, so
+optimizer state kept in host memory comes back there. Restores are bit-exact for every
+dtype (bfloat16, uint8 codes, typed PRNG keys).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -30,8 +33,11 @@ import jax
 import numpy as np
 
 _NAME = re.compile(r"^step_(\d{8})$")
+_DELETED = ".deleted"  # pruned checkpoints are renamed here before they are removed
 # "No space left on device" and "disk quota exceeded": the same fix for the user.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How tensorstore (orbax's array writer) reports the errno of a failed write.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
 
 
 class DiskFullError(OSError):
@@ -45,88 +51,84 @@ class DiskFullError(OSError):
         return self.strerror or ""
 
 
-def _to_numpy(leaf) -> tuple[np.ndarray, dict]:
-    """Raw bytes of a leaf and how to rebuild it."""
-    info: dict[str, Any] = {}
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        info["prng_impl"] = str(jax.random.key_impl(leaf))
-        leaf = jax.random.key_data(leaf)
-    arr = np.asarray(leaf)
-    info.update(dtype=arr.dtype.name, shape=list(arr.shape))
-    return np.ascontiguousarray(arr.reshape(-1)).view(np.uint8), info
+def _manager(directory: str, keep: int = 0):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None,
+        step_name_format=ocp.step.standard_name_format(
+            step_prefix="step", step_format_fixed_length=8
+        ),
+        enable_async_checkpointing=False,
+        todelete_subdir=_DELETED,
+        cleanup_tmp_directories=True,  # half-written saves of a run that was killed
+        save_root_metadata=False,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_names=("state", "meta")
+    )
 
 
-def _from_numpy(raw: np.ndarray, info: dict, template):
-    import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
+def _leaf_infos(tree) -> list[dict]:
+    def shape(leaf) -> list[int]:
+        return list(jax.random.key_data(leaf).shape if _is_key(leaf) else np.shape(leaf))
 
-    dtype = np.dtype(info["dtype"])
-    arr = raw.view(dtype).reshape(info["shape"])
-    if "prng_impl" in info:
-        out = jax.random.wrap_key_data(arr, impl=info["prng_impl"])
-        return jax.device_put(out, template.sharding) if isinstance(template, jax.Array) else out
-    if isinstance(template, jax.Array):
-        return jax.device_put(arr, template.sharding)
-    return arr
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [dict(path=jax.tree_util.keystr(p), shape=shape(x)) for p, x in leaves]
 
 
 def save_checkpoint(directory: str, step: int, tree, meta: dict, keep: int = 2) -> str:
-    """Write ``tree`` and ``meta`` as ``directory/step_{step:08d}``; keep the newest ``keep``."""
-    os.makedirs(directory, exist_ok=True)
-    leaves_with_paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-    arrays, infos = {}, []
-    for i, (path, leaf) in enumerate(leaves_with_paths):
-        raw, info = _to_numpy(leaf)
-        arrays[f"leaf_{i:05d}"] = raw
-        infos.append(dict(info, path=jax.tree_util.keystr(path)))
+    """Write ``tree`` and ``meta`` as ``directory/step_{step:08d}``; keep the newest ``keep``
+    (all with ``keep=0``). Every process calls it; it returns once the checkpoint is
+    published. Saving an existing step again replaces it."""
+    import orbax.checkpoint as ocp
+
     final = os.path.join(directory, f"step_{step:08d}")
-    tmp = os.path.join(directory, f".tmp-step_{step:08d}-{os.getpid()}")
-    for leftover in os.listdir(directory):  # half-written saves of a run that was killed
-        if leftover.startswith(".tmp-step_") or ".old-" in leftover:
-            shutil.rmtree(os.path.join(directory, leftover), ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "arrays.npz"), "wb") as f:
-            # numpy's stub types **kwds against allow_pickle too; the keys are leaf_NNNNN.
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "meta": meta, "leaves": infos}, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        # Nothing half-written stays behind (a full disk gets its space back at once).
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(
-                f"cannot save checkpoint {final}: the disk is full ({e.strerror}); "
-                "nothing of it was kept and the earlier checkpoints are intact",
-                final,
-            ) from e
-        raise
-    if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap it out
-        old = final + f".old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(directory)
-    for stale in all_checkpoints(directory)[:-keep] if keep > 0 else []:
-        # Renamed out of the step_* namespace first, so a kill during the removal never
-        # leaves a half-deleted directory that looks like a checkpoint.
-        doomed = stale + f".old-{os.getpid()}"
-        os.rename(stale, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+    saved = {"step": step, "meta": meta, "leaves": _leaf_infos(tree)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(saved))
+    with _manager(directory, keep) as manager:
+        _remove_deleted(directory)  # left by a run killed while pruning
+        if step in manager.all_steps():
+            manager.delete(step)  # renamed away at once (not atomic with the save below)
+        try:
+            manager.save(step, args=args, force=True)
+        except BaseException as e:
+            # Nothing half-written stays behind (a full disk gets its space back at once).
+            _remove_unfinished(directory)
+            code = _errno_of(e)
+            if code in DISK_FULL_ERRNOS:
+                raise DiskFullError(
+                    f"cannot save checkpoint {final}: the disk is full ({os.strerror(code)}); "
+                    "nothing of it was kept and the earlier checkpoints are intact",
+                    final,
+                ) from e
+            raise
+    _remove_deleted(directory)
     return final
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _errno_of(e: BaseException) -> int | None:
+    """The errno of a failed write: an ``OSError``'s, or the one tensorstore names."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        found = _TENSORSTORE_ERRNO.search(str(e))
+        if found:
+            return int(found[1])
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
+
+
+def _remove_unfinished(directory: str) -> None:
+    if jax.process_index() == 0:
+        for name in os.listdir(directory):
+            if name.startswith("step_") and not _NAME.match(name):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _remove_deleted(directory: str) -> None:
+    if jax.process_index() == 0:
+        shutil.rmtree(os.path.join(directory, _DELETED), ignore_errors=True)
 
 
 def all_checkpoints(directory: str) -> list[str]:
@@ -143,38 +145,58 @@ def latest_checkpoint(directory: str) -> str | None:
     return found[-1] if found else None
 
 
+def _read_saved(path: str) -> dict:
+    import orbax.checkpoint as ocp
+
+    if os.path.exists(os.path.join(path, "meta.json")):
+        raise ValueError(
+            f"{path}: a checkpoint of an earlier jqlora (arrays.npz + meta.json), which this "
+            "version does not read; start the run afresh in another output directory"
+        )
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(os.path.join(os.path.abspath(path), "meta"))
+
+
 def read_meta(path: str) -> dict:
     """The metadata dict saved with the checkpoint at ``path`` (no arrays are read)."""
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)["meta"]
+    return _read_saved(path)["meta"]
 
 
 def restore_checkpoint(path: str, template) -> tuple[Any, int, dict]:
-    """``(tree, step, meta)`` from ``path``; ``template`` gives the structure and shardings.
+    """``(tree, step, meta)`` from ``path``; ``template`` gives the structure and shardings:
+    its leaves are arrays (e.g. the freshly initialised state) or ``jax.ShapeDtypeStruct``
+    with a sharding (not for PRNG keys). Every process calls it.
 
     Raises ``ValueError`` naming the leaf when the checkpoint does not fit the template
     (a different model, LoRA rank or optimizer).
     """
-    with open(os.path.join(path, "meta.json")) as f:
-        saved = json.load(f)
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    infos = saved["leaves"]
-    if len(infos) != len(leaves_with_paths):
+    import orbax.checkpoint as ocp
+
+    saved = _read_saved(path)
+    infos, want = saved["leaves"], _leaf_infos(template)
+    if len(infos) != len(want):
         raise ValueError(
-            f"{path}: checkpoint has {len(infos)} arrays, this run's state has {len(leaves_with_paths)} "
+            f"{path}: checkpoint has {len(infos)} arrays, this run's state has {len(want)} "
             "(different model, LoRA configuration or optimizer?)"
         )
-    leaves = []
-    with np.load(os.path.join(path, "arrays.npz")) as npz:
-        for i, ((kpath, tleaf), info) in enumerate(zip(leaves_with_paths, infos, strict=True)):
-            name = jax.tree_util.keystr(kpath)
-            tshape = list(np.shape(jax.random.key_data(tleaf) if _is_key(tleaf) else tleaf))
-            if info["path"] != name or info["shape"] != tshape:
-                raise ValueError(
-                    f"{path}: saved leaf {info['path']} {info['shape']} does not match this run's {name} {tshape}"
-                )
-            leaves.append(_from_numpy(npz[f"leaf_{i:05d}"], info, tleaf))
-    return jax.tree_util.tree_unflatten(treedef, leaves), saved["step"], saved["meta"]
+    for info, mine in zip(infos, want, strict=True):
+        if info != mine:
+            raise ValueError(
+                f"{path}: saved leaf {info['path']} {info['shape']} does not match this run's "
+                f"{mine['path']} {mine['shape']}"
+            )
+
+    def abstract(leaf):
+        if isinstance(leaf, jax.Array):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        return leaf
+
+    target = jax.tree.map(abstract, template)
+    with _manager(os.path.dirname(os.path.abspath(path))) as manager:
+        restored = manager.restore(
+            saved["step"], args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    return restored.state, saved["step"], saved["meta"]
 
 
 def _is_key(leaf) -> bool:
