@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jqlora.hf import names as names_lib
+from jqlora.hf.convert import convert_tensor, progress_bar, release_freed_memory
 from jqlora.models import model_for_config
 
 _LAYER_NAMES = {
@@ -134,8 +135,6 @@ def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
     """``(model, params)`` from a llama GGUF file (see the module doc)."""
     import gguf
     from gguf.quants import dequantize
-
-    from jqlora.hf.load import convert_tensor, progress_bar, release_freed_memory
 
     path = Path(path)
     check_gguf_file(path)
