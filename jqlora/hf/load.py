@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
 from jqlora.hf.convert import convert_tensor, progress_bar, release_freed_memory
+from jqlora.hf.hub import resolve_model
 from jqlora.hf.quant_config import QuantConfig
 from jqlora.models import checkpoint_map, model_for_config
 
@@ -50,11 +51,12 @@ def check_checkpoint_path(path, gguf_file: str | None = None) -> dict | None:
     """Check, without reading any weights, that ``load_hf(path, gguf_file=...)`` can start.
 
     A directory needs a config.json (a JSON object) that ``model_for_config`` accepts; a
-    ``.gguf`` file must exist and start with the GGUF magic. Returns the config dict of a
+    ``.gguf`` file must exist and start with the GGUF magic; a Hub id is resolved first
+    (``resolve_model``). Returns the config dict of a
     directory, None for a GGUF file; a ValueError naming the path otherwise. Commands call
     it first, so a wrong path is reported in a moment, not after loading a tokenizer.
     """
-    path = Path(path)
+    path = Path(resolve_model(path, gguf_file=gguf_file))
     if gguf_file is not None or path.suffix == ".gguf":
         from jqlora.hf.gguf_io import check_gguf_file
 
@@ -79,13 +81,17 @@ def load_hf(
     *,
     compute_dtype=None,
     gguf_file: str | None = None,
+    revision: str | None = None,
     progress: bool | None = None,
     place=None,
 ):
     """Load a causal LM checkpoint: ``model, params = load_hf(path, quantization, dtype)``.
 
     path: a directory with config.json and ``model.safetensors`` (or shards with
-      ``model.safetensors.index.json``), or a ``.gguf`` file (or a directory plus ``gguf_file``).
+      ``model.safetensors.index.json``), or a ``.gguf`` file (or a directory plus ``gguf_file``),
+      or a Hugging Face Hub id ``org/name`` (``jqlora.hf.hub.resolve_model``; a local path of
+      the same spelling wins).
+    revision: the branch, tag or commit of a Hub id.
     quantization: quantize linear weights as they load (bitsandbytes-identical bytes). A
       checkpoint that is already bitsandbytes 4-bit loads as it is stored; passing a
       different ``quantization`` for it is an error.
@@ -95,7 +101,7 @@ def load_hf(
       soon as it is converted (``jqlora.sharding.placer(mesh)`` puts it straight onto its
       shards); pre-quantized and GGUF checkpoints are placed after loading.
     """
-    path = Path(path)
+    path = Path(resolve_model(path, revision=revision, gguf_file=gguf_file))
     if quantization is not None and not isinstance(quantization, QuantConfig):
         raise ValueError(
             f"load_hf: quantization must be a QuantConfig or None, got {quantization!r} "

@@ -206,6 +206,7 @@ def _check_inputs(args) -> None:
     the LoRA settings against the model's linear layers (each listed target name must
     select one). Raises ``InputError`` naming the file, line or option."""
     from jqlora.cli import InputError
+    from jqlora.hf.hub import resolve_model
     from jqlora.hf.load import check_checkpoint_path, linear_layers
     from jqlora.hf.tokenizer import check_tokenizer_dir
     from jqlora.lora import LoraConfig
@@ -221,6 +222,7 @@ def _check_inputs(args) -> None:
         if args.data is not None:
             check_data_file(args.data)
         if args.model.lower() != DEFAULT_MODEL:
+            args.model = resolve_model(args.model)
             if not os.path.exists(args.model):
                 raise ValueError(
                     f"--model {args.model}: no such directory or file (or use {DEFAULT_MODEL!r})"
