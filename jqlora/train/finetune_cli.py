@@ -222,8 +222,7 @@ def _check_inputs(args) -> None:
         if args.data is not None:
             check_data_file(args.data)
         if args.model.lower() != DEFAULT_MODEL:
-            args.model = resolve_model(args.model)
-            if not os.path.exists(args.model):
+            if not os.path.exists(resolve_model(args.model)):  # a Hub id: its snapshot
                 raise ValueError(
                     f"--model {args.model}: no such directory or file (or use {DEFAULT_MODEL!r})"
                 )
