@@ -64,13 +64,14 @@ def test_model_name_and_gguf_file_in_estimate_memory(capsys):
     means that file: the parameter count equals the elements of the file's tensors."""
     import gguf
 
-    from jqlora.hf.smollm2 import MODEL_NAME, resolve_model, smollm2_gguf_path
+    from jqlora.hf.hub import resolve_model
+    from jqlora.hf.smollm2 import MODEL_NAME, smollm2_gguf_path
     from jqlora.memory import estimate_memory
 
     path = str(smollm2_gguf_path(fetch=True))
     assert resolve_model(MODEL_NAME) == path
     assert resolve_model("SmolLM2-135M-Instruct") == path
-    assert resolve_model("some/dir") == "some/dir"
+    assert resolve_model("./some/dir") == "./some/dir"
 
     n_elements = sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(path).tensors)
     assert estimate_memory(path, batch_size=1, seq_len=64).base_params == n_elements

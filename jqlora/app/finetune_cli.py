@@ -95,6 +95,7 @@ def _check_inputs(config: FinetuneConfig) -> None:
     the output path, every line of the data file, the model path and its config.json, and
     the LoRA settings against the model's linear layers (each listed target name must
     select one). Raises ``InputError`` naming the file, line or option."""
+    from jqlora.hf.hub import resolve_model
     from jqlora.hf.load import check_checkpoint_path, linear_layers
     from jqlora.hf.tokenizer import check_tokenizer_dir
     from jqlora.lora.targets import check_target_names
@@ -108,7 +109,7 @@ def _check_inputs(config: FinetuneConfig) -> None:
         if data is not None:
             check_data_file(data)
         if model.lower() != DEFAULT_MODEL:
-            if not os.path.exists(model):
+            if not os.path.exists(resolve_model(model)):  # a Hub id: its snapshot
                 raise ValueError(
                     f"--model {model}: no such directory or file (or use {DEFAULT_MODEL!r})"
                 )

@@ -35,12 +35,15 @@ def eos_ids(model_path: str, tokenizer) -> list[int]:
 def load_for_inference(args):
     """``(model, params, lora, tokenizer)`` from the command line's model options."""
     from jqlora.hf import QuantConfig, load_hf
+    from jqlora.hf.hub import resolve_model
     from jqlora.hf.load import check_checkpoint_path
     from jqlora.hf.peft import check_adapter, load_peft_adapter
-    from jqlora.hf.smollm2 import resolve_model
     from jqlora.hf.tokenizer import check_tokenizer_dir, load_tokenizer
 
-    args.model = resolve_model(args.model)
+    try:
+        args.model = resolve_model(args.model)
+    except ValueError as e:
+        raise InputError(f"--model {e}") from None
     if not os.path.exists(args.model):
         raise InputError(f"--model {args.model}: no such file or directory")
     if args.adapter and not os.path.isdir(args.adapter):

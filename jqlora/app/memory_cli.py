@@ -92,8 +92,8 @@ def _targets(text: str):
 
 def run(args: argparse.Namespace) -> int:
     from jqlora.app.parsing import InputError
+    from jqlora.hf.hub import resolve_model
     from jqlora.hf.quant_config import QuantConfig
-    from jqlora.hf.smollm2 import resolve_model
     from jqlora.lora import LoraConfig
     from jqlora.memory import estimate_memory
 

@@ -59,9 +59,12 @@ def merge_checkpoint(
 
 
 def run(args: argparse.Namespace) -> int:
-    from jqlora.hf.smollm2 import resolve_model
+    from jqlora.hf.hub import resolve_model
 
-    args.model = resolve_model(args.model)
+    try:
+        args.model = resolve_model(args.model)
+    except ValueError as e:
+        raise InputError(f"--model {e}") from None
     for flag, path in (("--model", args.model), ("--adapter", args.adapter)):
         if not os.path.exists(path):
             raise InputError(f"{flag} {path}: no such file or directory")

@@ -24,10 +24,9 @@ def default_data_path() -> str:
 
 def resolve_model_path(model: str) -> str:
     """A model directory, a ``.gguf`` file, or the name of a model jqlora knows how to find."""
-    if model.lower() == DEFAULT_MODEL:
-        from jqlora.hf.smollm2 import smollm2_gguf_path
+    from jqlora.hf.hub import resolve_model
 
-        return str(smollm2_gguf_path(fetch=True))
+    model = resolve_model(model)
     if not os.path.exists(model):
         raise FileNotFoundError(
             f"model {model!r}: no such directory or file (or use {DEFAULT_MODEL!r})"

@@ -21,6 +21,7 @@ from typing import Any
 
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
+from jqlora.hf.convert import convert_tensor, progress_bar
 from jqlora.models import checkpoint_map
 from jqlora.quant import QuantizedTensor
 from jqlora.quant.bnb_format import from_bnb, to_bnb
@@ -47,8 +48,6 @@ def split_name(ckpt_name: str) -> tuple[str, str]:
 def load_prequantized(path: Path, model, dtype, progress=None) -> dict:
     """The params of a bitsandbytes 4-bit checkpoint: its 4-bit weights as ``QuantizedTensor``
     (bytes untouched), every other tensor cast to ``dtype``."""
-    from jqlora.hf.load import convert_tensor, progress_bar
-
     files = safetensors_io.checkpoint_files(path)
     infos = safetensors_io.tensor_infos(files)
     expected = names_lib.expected_params(model)

@@ -9,51 +9,17 @@ names (``lm_head`` by default); embeddings and norms stay in ``dtype``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
+from jqlora.hf.convert import convert_tensor, progress_bar, release_freed_memory
+from jqlora.hf.hub import resolve_model
 from jqlora.hf.quant_config import QuantConfig, as_quant_config
 from jqlora.models import checkpoint_map, model_for_config
-from jqlora.quant import quantize
-
-#: show a progress bar for checkpoints with more tensors than this
-PROGRESS_MIN_TENSORS = 16
-
-
-def progress_bar(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    show = total > PROGRESS_MIN_TENSORS if enabled is None else enabled
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not show, leave=False)
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
-
-    Loading interleaves large short-lived float tensors with small long-lived quantized
-    ones; without this, glibc keeps the holes the float tensors leave and the resident size
-    grows with them instead of with what is kept.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Callable[[int], int] | Literal[False] | None = None
 
 
 def read_config(directory: Path) -> dict:
@@ -85,11 +51,12 @@ def check_checkpoint_path(path, gguf_file: str | None = None) -> dict | None:
     """Check, without reading any weights, that ``load_hf(path, gguf_file=...)`` can start.
 
     A directory needs a config.json (a JSON object) that ``model_for_config`` accepts; a
-    ``.gguf`` file must exist and start with the GGUF magic. Returns the config dict of a
+    ``.gguf`` file must exist and start with the GGUF magic; a Hub id is resolved first
+    (``resolve_model``). Returns the config dict of a
     directory, None for a GGUF file; a ValueError naming the path otherwise. Commands call
     it first, so a wrong path is reported in a moment, not after loading a tokenizer.
     """
-    path = Path(path)
+    path = Path(resolve_model(path, gguf_file=gguf_file))
     if gguf_file is not None or path.suffix == ".gguf":
         from jqlora.hf.gguf_io import check_gguf_file
 
@@ -114,13 +81,17 @@ def load_hf(
     *,
     compute_dtype=None,
     gguf_file: str | None = None,
+    revision: str | None = None,
     progress: bool | None = None,
     place=None,
 ):
     """Load a causal LM checkpoint: ``model, params = load_hf(path, quantization, dtype)``.
 
     path: a directory with config.json and ``model.safetensors`` (or shards with
-      ``model.safetensors.index.json``), or a ``.gguf`` file (or a directory plus ``gguf_file``).
+      ``model.safetensors.index.json``), or a ``.gguf`` file (or a directory plus ``gguf_file``),
+      or a Hugging Face Hub id ``org/name`` (``jqlora.hf.hub.resolve_model``; a local path of
+      the same spelling wins).
+    revision: the branch, tag or commit of a Hub id.
     quantization: quantize linear weights as they load (bitsandbytes-identical bytes): a
       ``QuantConfig``, or ``"nf4"`` / ``"fp4"`` for ``QuantConfig(quant_type)``. A
       checkpoint that is already bitsandbytes 4-bit loads as it is stored; passing a
@@ -131,7 +102,7 @@ def load_hf(
       soon as it is converted (``jqlora.sharding.placer(mesh)`` puts it straight onto its
       shards); pre-quantized and GGUF checkpoints are placed after loading.
     """
-    path = Path(path)
+    path = Path(resolve_model(path, revision=revision, gguf_file=gguf_file))
     quantization = as_quant_config(quantization)
     dtype = _float_dtype(dtype, "dtype")
     compute_dtype = _float_dtype(compute_dtype or dtype, "compute_dtype")
@@ -232,34 +203,3 @@ def load_float_tensors(
             release_freed_memory()
             bar.update()
     return names_lib.unflatten(flat)
-
-
-def convert_tensor(array, pname: str, expected, quantization, dtype, *, transpose=False, source=""):
-    """One checkpoint tensor -> its params leaf: transposed if stored ``[in, out]``, checked
-    against the shape the config implies, cast to ``dtype`` and quantized if it is a linear
-    weight that ``quantization`` covers."""
-    if transpose:
-        array = array.T
-    want = expected.shapes[pname]
-    if tuple(array.shape) != want:
-        raise ValueError(f"{source} has shape {tuple(array.shape)}, but config.json implies {want}")
-    if not jnp.issubdtype(array.dtype, jnp.floating):
-        # transformers would cast an integer or boolean weight silently: it is a broken file.
-        raise ValueError(
-            f"{source} has dtype {np.dtype(array.dtype).name}; a weight must be floating-point"
-        )
-    array = jnp.asarray(array).astype(dtype or array.dtype)
-    module = pname.rpartition(".")[0]
-    if (
-        quantization is not None
-        and expected.is_linear_weight(pname)
-        and quantization.quantizes(module)
-    ):
-        return quantize(
-            array,
-            quantization.quant_type,
-            quantization.blocksize,
-            quantization.double_quant,
-            name=pname,
-        )
-    return array

@@ -1,8 +1,10 @@
 """Reading and writing (sharded) safetensors checkpoints, one tensor at a time.
 
 A checkpoint directory holds ``model.safetensors``, or shards listed in
-``model.safetensors.index.json`` (``{"weight_map": {name: file}}``). Reading yields
-``(name, array)`` pairs so a caller can convert each tensor before the next is read;
+``model.safetensors.index.json`` (``{"weight_map": {name: file}}``). Reading is the
+``safetensors`` library's ``safe_open``; it yields ``(name, array)`` pairs so a caller can
+convert each tensor before the next is read, and a file it refuses is explained in the
+header's terms (which tensor, which field);
 writing fills shards of at most ``max_shard_bytes`` and writes everything into a temporary
 directory that replaces the target only when complete.
 """
@@ -55,65 +57,91 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (``{name: {dtype, shape, data_offsets}}``), after
-    checking that the file holds every byte the header promises."""
+    """``{name: {"dtype": str, "shape": [int]}}`` of a safetensors file, as ``safe_open``
+    reads it (it checks that the file holds every byte the header promises)."""
+    with _open(path) as f:
+        return {
+            name: {"dtype": (info := f.get_slice(name)).get_dtype(), "shape": info.get_shape()}
+            for name in f.keys()
+        }
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    """``safe_open(path)`` (numpy arrays; ``ml_dtypes`` gives bfloat16); its refusal of a
+    file becomes a ValueError naming the file and, where the header shows it, the tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(_explain(Path(path), e)) from None
+    with f:
+        yield f
+
+
+def _explain(path: Path, error: Exception) -> str:
+    """Why ``safe_open`` refused ``path``, in the header's terms; the library's own words
+    when the header shows nothing more specific."""
     size = path.stat().st_size
+    if size < 8:
+        return f"{path}: not a safetensors file (only {size} bytes)"
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
+        (n,) = struct.unpack("<Q", f.read(8))
         if 8 + n > size:
-            raise ValueError(
+            return (
                 f"{path}: truncated or not a safetensors file: its first 8 bytes promise a "
                 f"header of {n} bytes, the file has {size} in all"
             )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        return f"{path}: corrupt safetensors header ({e})"
     if not isinstance(header, dict):
-        raise ValueError(
-            f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)"
-        )
+        return f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)"
     header.pop("__metadata__", None)
     for name, meta in header.items():
-        _check_entry(path, name, meta)
-    missing = [k for k, v in header.items() if 8 + n + v["data_offsets"][1] > size]
-    if missing:
-        raise ValueError(
-            f"{path}: truncated: {len(missing)} tensor(s) lie past the end of the file ({size} bytes), "
-            f"first {missing[0]!r}"
+        problem = _entry_problem(meta)
+        if problem:
+            return f"{path}: corrupt safetensors header: tensor {name!r}: {problem}"
+    past = [k for k, v in header.items() if 8 + n + v["data_offsets"][1] > size]
+    if past:
+        return (
+            f"{path}: truncated: {len(past)} tensor(s) lie past the end of the file "
+            f"({size} bytes), first {past[0]!r}"
         )
-    return header
+    return f"{path}: not a valid safetensors file ({error})"
 
 
-def _check_entry(path: Path, name: str, meta) -> None:
-    """One header entry is ``{"dtype": str, "shape": [int >= 0], "data_offsets": [start, end]}``
-    with ``end - start`` the byte size of that shape and dtype (when jqlora knows the dtype)."""
-
-    def bad(why: str):
-        return ValueError(f"{path}: corrupt safetensors header: tensor {name!r}: {why}")
-
+def _entry_problem(meta) -> str | None:
+    """What is wrong with one header entry, which must be ``{"dtype": str, "shape": [int >=
+    0], "data_offsets": [start, end]}`` with ``end - start`` the byte size of that shape and
+    dtype (when the dtype is a known one); None if nothing is."""
     if not isinstance(meta, dict):
-        raise bad(f"expected an object, got {meta!r}")
+        return f"expected an object, got {meta!r}"
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     if not isinstance(dtype, str):
-        raise bad(f"dtype {dtype!r} is not a string")
+        return f"dtype {dtype!r} is not a string"
     if not isinstance(shape, list) or not all(is_int(d) for d in shape):
-        raise bad(f"shape {shape!r} is not a list of integers >= 0")
+        return f"shape {shape!r} is not a list of integers >= 0"
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(is_int(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise bad(f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end")
-    if dtype in _DTYPES:
-        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        return f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end"
+    if dtype in _ITEMSIZE:
+        want = math.prod(shape) * _ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != want:
-            raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} {dtype} ({want} needed)")
+            return f"{offsets[1] - offsets[0]} bytes for shape {shape} {dtype} ({want} needed)"
+    return None
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1}  # fmt: skip
 
 
 def tensor_infos(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
@@ -127,51 +155,28 @@ def tensor_infos(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], st
     return infos
 
 
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": jnp.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
 def iter_tensors(
     files: list[Path], names: list[str] | None = None
 ) -> Iterator[tuple[str, Path, np.ndarray]]:
     """``(name, file, numpy array)`` for every tensor (or those in ``names``), one at a time.
 
-    Each tensor is read with a plain ``read`` into memory that is freed once the caller drops
-    it; nothing is memory-mapped, so the checkpoint's pages never count against the process.
+    The file is opened (memory-mapped by ``safe_open``) for one tensor at a time and closed
+    once that tensor is copied out, so the checkpoint's pages never accumulate in the
+    process's resident memory.
     """
+    from safetensors import SafetensorError
+
     wanted = None if names is None else set(names)
     for path in files:
-        header = read_header(path)
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            data_start = 8 + n
-            for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if wanted is not None and name not in wanted:
-                    continue
-                if meta["dtype"] not in _DTYPES:
-                    raise ValueError(
-                        f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}"
-                    )
-                dtype = np.dtype(_DTYPES[meta["dtype"]])
-                start, end = meta["data_offsets"]
-                shape = tuple(meta["shape"])
-                if end - start != int(np.prod(shape)) * dtype.itemsize:
-                    raise ValueError(
-                        f"{path}: tensor {name!r}: {end - start} bytes for shape {shape} {meta['dtype']}"
-                    )
-                f.seek(data_start + start)
-                array = np.frombuffer(bytearray(f.read(end - start)), dtype=dtype).reshape(shape)
-                yield name, path, array
+        for name in read_header(path):
+            if wanted is not None and name not in wanted:
+                continue
+            with _open(path) as f:
+                try:
+                    array = np.array(f.get_tensor(name), copy=True)
+                except (SafetensorError, TypeError, ValueError) as e:
+                    raise ValueError(f"{path}: tensor {name!r}: cannot read it ({e})") from None
+            yield name, path, array
 
 
 # ----------------------------------------------------------------------------- writing

@@ -52,14 +52,6 @@ def smollm2_gguf_path(fetch: bool = False) -> Path:
     return _download(cached.parent)
 
 
-def resolve_model(model: str | os.PathLike) -> str:
-    """``model`` as given, or for ``MODEL_NAME`` the path of the GGUF file (downloaded once)."""
-    model = os.fspath(model)
-    if model.lower() == MODEL_NAME:
-        return str(smollm2_gguf_path(fetch=True))
-    return model
-
-
 def _download(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     print(

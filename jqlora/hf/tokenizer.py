@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from jqlora.hf.hub import resolve_model
+
 # llama.cpp's special-token ids, as transformers names the tokens they point at.
 _SPECIAL_TOKEN_IDS = {
     "bos_token": "bos_token_id",
@@ -20,9 +22,10 @@ _SPECIAL_TOKEN_IDS = {
 }
 
 
-def load_tokenizer(model_path: str | os.PathLike):
-    """The transformers tokenizer of a model directory, or the one a ``.gguf`` file carries."""
-    path = os.fspath(model_path)
+def load_tokenizer(model_path: str | os.PathLike, *, revision: str | None = None):
+    """The transformers tokenizer of a model directory, or the one a ``.gguf`` file carries;
+    ``model_path`` may be a Hub id (``jqlora.hf.hub.resolve_model``)."""
+    path = resolve_model(model_path, revision=revision)
     if path.endswith(".gguf"):
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer

@@ -86,11 +86,6 @@ class QuantizedTensor:
     def bits_per_param(self) -> float:
         return 8.0 * self.nbytes / self.size
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        from jqlora.quant.blockwise import dequantize
-
-        return dequantize(self, dtype)
-
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return (
