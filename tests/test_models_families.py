@@ -1,0 +1,128 @@
+"""Gemma 2, Gemma 3 (text), Qwen3 and Phi-3 against live transformers (eager, float32) on
+tiny random checkpoints (`families_reference`): logits with and without left padding over
+sequences past the sliding window, KV-cache decoding past the window, greedy generation,
+"all-linear" choosing peft's modules, PEFT adapters both ways, save_hf."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from families_reference import FAMILIES, TARGETS, VOCAB, WINDOW, family_configs, load_eager
+from hf_reference import left_padding_mask, make_tiny, random_ids, torch_logits
+
+import jqlora
+from jqlora.hf.peft import load_peft_adapter, save_peft_adapter
+from jqlora.lora.check import adapters
+
+# Measured: at most 2.3e-6 (float32 logits of O(1)); ten times the measured error and more.
+TOL = 1e-4
+SEQ = 3 * WINDOW  # every sequence runs past the window
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    make_tiny(family_configs()[request.param], path)
+    model, params = jqlora.load_hf(path)
+    return request.param, path, load_eager(path), model, params
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_equal_transformers(tiny, padded):
+    name, _, reference, model, params = tiny
+    ids = random_ids(VOCAB, 3, SEQ)
+    mask = left_padding_mask(3, SEQ, [0, 2, 5]) if padded else None
+    want = torch_logits(reference, ids, mask)
+    real = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    assert np.abs(want).max() > 0.3, "logits should be O(1) for the tolerance to mean something"
+    for scan in (False, True):  # scan_layers: one loop where the layers are alike
+        got = np.asarray(model.clone(scan_layers=scan).apply({"params": params}, ids, mask))
+        np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0, err_msg=name)
+
+
+def test_kv_cache_decoding_past_the_window_equals_full_forward(tiny):
+    """Prefill 3 tokens, then decode one at a time to 2 windows (LongRoPE stays on its short
+    factors: 8 positions)."""
+    name, _, reference, model, params = tiny
+    n = 2 * WINDOW
+    ids = random_ids(VOCAB, 2, n, seed=1)
+    want = torch_logits(reference, ids)
+    logits, cache = model.apply({"params": params}, ids[:, :3], cache=model.init_cache(2, 16))
+    steps = [logits]
+    for t in range(3, n):
+        logits, cache = model.apply({"params": params}, ids[:, t : t + 1], cache=cache)
+        steps.append(logits)
+    got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=name)
+
+
+def test_greedy_generation_equals_transformers(tiny):
+    name, _, reference, model, params = tiny
+    prompts = random_ids(VOCAB, 3, 9, seed=2)
+    mask = left_padding_mask(3, 9, [4, 0, 1])
+    ids = np.where(mask == 1, prompts, 0)
+    with torch.no_grad():
+        want = reference.generate(
+            torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+            max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0,
+        ).numpy()  # fmt: skip
+    got = jqlora.generate(
+        model, params, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=2, pad_token_id=0
+    )
+    np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_all_linear_chooses_the_modules_peft_chooses(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    name, path, _, _, params = tiny
+    peft_model = get_peft_model(load_eager(path), LoraConfig(r=2, target_modules="all-linear"))
+    theirs = {
+        n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+        for n, _ in peft_model.named_parameters()
+        if n.endswith("lora_A.default.weight")
+    }
+    lora = jqlora.init_lora(jax.random.PRNGKey(0), params, jqlora.LoraConfig(r=2))
+    ours = {".".join(p) for p, _ in adapters(lora)}
+    assert ours == theirs
+    assert {n.rsplit(".", 1)[-1] for n in ours} == set(TARGETS[name])
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+def test_peft_adapter_both_ways(tiny, tmp_path, variant):
+    """An adapter peft built (non-zero B) gives jqlora peft's logits; written back by jqlora,
+    it loads in peft with the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name, path, _, model, params = tiny
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+        use_rslora=variant == "rslora", use_dora=variant == "dora", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(load_eager(path), config).eval()
+    ids = random_ids(VOCAB, 2, SEQ, seed=3)
+    want = torch_logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    lora, lora_config = load_peft_adapter(tmp_path / "peft", params)
+    got = np.asarray(model.apply({"params": params, "lora": lora}, ids))
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=name)
+    base = np.asarray(model.apply({"params": params}, ids))
+    assert np.abs(got - base).max() > 1e-2  # the adapter matters
+
+    save_peft_adapter(tmp_path / "back", lora, lora_config, base_model_name_or_path=str(path))
+    again = PeftModel.from_pretrained(load_eager(path), tmp_path / "back").eval()
+    np.testing.assert_allclose(torch_logits(again, ids), got, atol=TOL, rtol=0, err_msg=name)
+
+
+def test_save_hf_loads_in_transformers(tiny, tmp_path):
+    name, _, reference, model, params = tiny
+    jqlora.save_hf(tmp_path, model, params)
+    reloaded = load_eager(tmp_path)
+    assert type(reloaded) is type(reference)
+    ids = random_ids(VOCAB, 2, SEQ, seed=4)
+    np.testing.assert_allclose(
+        torch_logits(reloaded, ids), torch_logits(reference, ids), atol=0, rtol=0, err_msg=name
+    )
