@@ -73,6 +73,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt.save_checkpoint(str(tmp_path), 4, state(1), {})
     monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["step_00000002"]  # nothing half-written is left
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000002")
     restored, step, _ = ckpt.restore_checkpoint(ckpt.latest_checkpoint(str(tmp_path)), state(5))
     assert step == 2 and same(restored, state(0))
