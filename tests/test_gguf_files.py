@@ -77,7 +77,12 @@ def test_config_describes_the_written_model(files, arch):
             assert got == pytest.approx(expected, rel=1e-6), key
         else:
             assert got == expected, key
-    assert set(EXTRA[arch]) - {"query_pre_attn_scalar"} <= set(CONFIG_KEYS) | {"rope_theta"}
+    # every setting the writer chose is compared (RoPE ones through rope_parameters)
+    assert set(EXTRA[arch]) - {"query_pre_attn_scalar"} <= {
+        *CONFIG_KEYS,
+        "rope_theta",
+        "rope_scaling",
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -6,7 +6,7 @@ One ``GGUFArch`` per llama.cpp architecture jqlora reads. The names follow llama
 transformers config class of the model type from the GGUF metadata, so every key the file
 does not carry gets transformers' default, as in transformers' own GGUF loader. Where that
 loader drops a key the file does carry (``attention.key_length`` of Qwen3, Gemma 2's
-soft-caps, Phi-3's partial rotary factor), it is read here.
+soft-caps, Phi-3's partial rotary factor, Gemma 3's linear RoPE scaling), it is read here.
 """
 
 from __future__ import annotations
@@ -172,7 +172,10 @@ def gguf_config(reader, path: Path) -> dict:
         if rotary != head_dim:
             kwargs["partial_rotary_factor"] = rotary / head_dim
     scaling = field(reader, f"{name}.rope.scaling.type")
-    if scaling not in (None, "none") or "rope_factors_long.weight" in names:
+    if scaling == "linear":  # Gemma 3 4B+: on the global layers (transformers applies it so)
+        factor = float(np.float32(field(reader, f"{name}.rope.scaling.factor", 1.0)))
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    elif scaling not in (None, "none") or "rope_factors_long.weight" in names:
         raise ValueError(f"{path}: GGUF rope scaling {scaling or 'longrope'!r} is not supported")
     try:
         config = AutoConfig.for_model(arch.model_type, **kwargs).to_dict()
