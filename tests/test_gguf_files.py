@@ -86,7 +86,7 @@ def test_config_describes_the_written_model(files, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_load_hf_end_to_end_equals_transformers(files, arch):
+def test_load_hf_end_to_end_equals_transformers(files, arch, tmp_path):
     """params bit for bit, logits within float32 rounding of two implementations."""
     from hf_reference import random_ids, torch_logits
 
@@ -101,6 +101,13 @@ def test_load_hf_end_to_end_equals_transformers(files, arch):
     ids = random_ids(reference.config.vocab_size, 2, 12)
     logits = np.asarray(model.apply({"params": params}, ids))
     np.testing.assert_allclose(logits, torch_logits(reference, ids), rtol=0, atol=1e-4)  # ~1e-5
+    # and saved as a checkpoint transformers loads as the same model
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(jqlora.save_hf(tmp_path / "saved", model, params))
+    assert type(saved) is type(reference)
+    state = {k: v.numpy() for k, v in saved.state_dict().items()}
+    assert all(np.array_equal(state[k], theirs[k]) for k in theirs)
 
 
 def test_tokenizer_from_the_file_equals_transformers(tmp_path):
