@@ -110,7 +110,8 @@ def test_load_hf_end_to_end_equals_transformers(files, arch, tmp_path):
     assert all(np.array_equal(state[k], theirs[k]) for k in theirs)
 
 
-def test_tokenizer_from_the_file_equals_transformers(tmp_path):
+@pytest.mark.parametrize("arch", list(ARCH_CLASSES))
+def test_tokenizer_from_the_file_equals_transformers(tmp_path, arch):
     from finetune_tiny import chat_records, make_tokenizer, texts_of
     from transformers import AutoTokenizer
 
@@ -118,7 +119,7 @@ def test_tokenizer_from_the_file_equals_transformers(tmp_path):
 
     texts = texts_of(chat_records())
     tokenizer = make_tokenizer(texts)
-    path = write_gguf(tiny_model("qwen3"), "qwen3", tmp_path / "tok.gguf", tokenizer=tokenizer)
+    path = write_gguf(tiny_model(arch), arch, tmp_path / "tok.gguf", tokenizer=tokenizer)
     ours = load_tokenizer(path)
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in texts[:10] + ["What is 12 plus zero? Answer: 12"]:
