@@ -34,7 +34,8 @@ EXTRA = {
     "qwen3": dict(tie_word_embeddings=True, head_dim=32, rope_theta=1e6),
     "gemma2": dict(head_dim=32, sliding_window=8, attn_logit_softcapping=50.0,
                    final_logit_softcapping=30.0, query_pre_attn_scalar=256),
-    "gemma3": dict(head_dim=32, sliding_window=8, rope_theta=1e6),
+    "gemma3": dict(head_dim=32, sliding_window=8, rope_theta=1e6, num_hidden_layers=6,
+                   rope_scaling={"rope_type": "linear", "factor": 8.0}),
     "phi3": dict(tie_word_embeddings=False, intermediate_size=128, rope_theta=10000.0),
 }  # fmt: skip
 
@@ -113,6 +114,9 @@ def write_gguf(
     rope = cfg.rope_parameters
     theta = (rope.get("full_attention") or rope)["rope_theta"]
     w.add_rope_freq_base(theta)
+    if (rope.get("full_attention") or rope).get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor((rope.get("full_attention") or rope)["factor"])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if arch in ("qwen3", "gemma2", "gemma3"):
         w.add_key_length(head_dim)

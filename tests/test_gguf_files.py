@@ -77,11 +77,16 @@ def test_config_describes_the_written_model(files, arch):
             assert got == pytest.approx(expected, rel=1e-6), key
         else:
             assert got == expected, key
-    assert set(EXTRA[arch]) - {"query_pre_attn_scalar"} <= set(CONFIG_KEYS) | {"rope_theta"}
+    # every setting the writer chose is compared (RoPE ones through rope_parameters)
+    assert set(EXTRA[arch]) - {"query_pre_attn_scalar"} <= {
+        *CONFIG_KEYS,
+        "rope_theta",
+        "rope_scaling",
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_load_hf_end_to_end_equals_transformers(files, arch):
+def test_load_hf_end_to_end_equals_transformers(files, arch, tmp_path):
     """params bit for bit, logits within float32 rounding of two implementations."""
     from hf_reference import random_ids, torch_logits
 
@@ -96,9 +101,17 @@ def test_load_hf_end_to_end_equals_transformers(files, arch):
     ids = random_ids(reference.config.vocab_size, 2, 12)
     logits = np.asarray(model.apply({"params": params}, ids))
     np.testing.assert_allclose(logits, torch_logits(reference, ids), rtol=0, atol=1e-4)  # ~1e-5
+    # and saved as a checkpoint transformers loads as the same model
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(jqlora.save_hf(tmp_path / "saved", model, params))
+    assert type(saved) is type(reference)
+    state = {k: v.numpy() for k, v in saved.state_dict().items()}
+    assert all(np.array_equal(state[k], theirs[k]) for k in theirs)
 
 
-def test_tokenizer_from_the_file_equals_transformers(tmp_path):
+@pytest.mark.parametrize("arch", list(ARCH_CLASSES))
+def test_tokenizer_from_the_file_equals_transformers(tmp_path, arch):
     from finetune_tiny import chat_records, make_tokenizer, texts_of
     from transformers import AutoTokenizer
 
@@ -106,7 +119,7 @@ def test_tokenizer_from_the_file_equals_transformers(tmp_path):
 
     texts = texts_of(chat_records())
     tokenizer = make_tokenizer(texts)
-    path = write_gguf(tiny_model("qwen3"), "qwen3", tmp_path / "tok.gguf", tokenizer=tokenizer)
+    path = write_gguf(tiny_model(arch), arch, tmp_path / "tok.gguf", tokenizer=tokenizer)
     ours = load_tokenizer(path)
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in texts[:10] + ["What is 12 plus zero? Answer: 12"]:

@@ -6,7 +6,7 @@ One ``GGUFArch`` per llama.cpp architecture jqlora reads. The names follow llama
 transformers config class of the model type from the GGUF metadata, so every key the file
 does not carry gets transformers' default, as in transformers' own GGUF loader. Where that
 loader drops a key the file does carry (``attention.key_length`` of Qwen3, Gemma 2's
-soft-caps, Phi-3's partial rotary factor), it is read here.
+soft-caps, Phi-3's partial rotary factor, Gemma 3's linear RoPE scaling), it is read here.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class GGUFArch:
     """One llama.cpp architecture: its transformers model type and how its tensors map."""
 
     model_type: str
-    architecture: str  # transformers class name, for config.json's "architectures"
     block: dict
     extra_keys: dict = dataclasses.field(default_factory=dict)  # beyond _COMMON_KEYS
     permute_qk: bool = False  # llama.cpp interleaves q/k rows for its RoPE (llama only)
@@ -99,21 +98,21 @@ class GGUFArch:
         return array
 
 
-ARCHITECTURES = {
-    "llama": GGUFArch("llama", "LlamaForCausalLM", _LLAMA_BLOCK,
+GGUF_ARCHITECTURES = {
+    "llama": GGUFArch("llama", _LLAMA_BLOCK,
                       {"rope.dimension_count": "head_dim"}, permute_qk=True),
-    "qwen2": GGUFArch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
-    "qwen3": GGUFArch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORM},
+    "qwen2": GGUFArch("qwen2", _LLAMA_BLOCK),
+    "qwen3": GGUFArch("qwen3", {**_LLAMA_BLOCK, **_QK_NORM},
                       {"attention.key_length": "head_dim"}),
-    "gemma2": GGUFArch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCK,
+    "gemma2": GGUFArch("gemma2", _GEMMA_BLOCK,
                        {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window",
                         "attn_logit_softcapping": "attn_logit_softcapping",
                         "final_logit_softcapping": "final_logit_softcapping"},
                        norm_offset=1.0),
-    "gemma3": GGUFArch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCK, **_QK_NORM},
+    "gemma3": GGUFArch("gemma3_text", {**_GEMMA_BLOCK, **_QK_NORM},
                        {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
                        norm_offset=1.0),
-    "phi3": GGUFArch("phi3", "Phi3ForCausalLM", _PHI3_BLOCK),
+    "phi3": GGUFArch("phi3", _PHI3_BLOCK),
 }  # fmt: skip
 
 
@@ -131,12 +130,12 @@ def field(reader, key, default=None):
 
 def architecture_of(reader, path: Path) -> tuple[str, GGUFArch]:
     arch = field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}"
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
-    return arch, ARCHITECTURES[arch]
+    return arch, GGUF_ARCHITECTURES[arch]
 
 
 def gguf_config(reader, path: Path) -> dict:
@@ -172,13 +171,15 @@ def gguf_config(reader, path: Path) -> dict:
         if rotary != head_dim:
             kwargs["partial_rotary_factor"] = rotary / head_dim
     scaling = field(reader, f"{name}.rope.scaling.type")
-    if scaling not in (None, "none") or "rope_factors_long.weight" in names:
+    if scaling == "linear":  # Gemma 3 4B+: on the global layers (transformers applies it so)
+        factor = float(np.float32(field(reader, f"{name}.rope.scaling.factor", 1.0)))
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    elif scaling not in (None, "none") or "rope_factors_long.weight" in names:
         raise ValueError(f"{path}: GGUF rope scaling {scaling or 'longrope'!r} is not supported")
     try:
         config = AutoConfig.for_model(arch.model_type, **kwargs).to_dict()
     except Exception as e:  # transformers' config validation raises several kinds
         raise ValueError(f"{path}: GGUF metadata is not a valid {name} config ({e})") from None
-    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        config.pop(key, None)
-    config["architectures"] = [arch.architecture]
+    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"):
+        config.pop(key, None)  # transformers' bookkeeping; save_hf names the class
     return config
