@@ -159,14 +159,16 @@ class LlamaModel(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, ids, attention_mask, positions, cache):
+    def __call__(self, ids, attention_mask, positions, cache, segment_ids=None):
         c = self.config
         b, s = ids.shape
         if positions is None:
             positions = common.default_positions(b, s, cache)
         masks, valid = {}, None
         for window in set(c.sliding_windows):
-            masks[window], valid = common.attention_mask(b, s, attention_mask, cache, window)
+            masks[window], valid = common.attention_mask(
+                b, s, attention_mask, cache, window, segment_ids
+            )
         rope_params = c.rope_params
         if rope_params["rope_type"] == "dynamic":
             inv_freq = rope.dynamic_inv_freq(
@@ -198,7 +200,7 @@ class LlamaForCausalLM(common.CausalLMHead, nn.Module):
     """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
     cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given);
     ``hidden_only=True``: the final hidden states ``[b, s, hidden]`` instead (see
-    ``common.CausalLMHead``)."""
+    ``common.CausalLMHead``); ``segment_ids``: packed examples (``common.attention_mask``)."""
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
@@ -209,11 +211,17 @@ class LlamaForCausalLM(common.CausalLMHead, nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        hidden_only=False,
+        segment_ids=None,
     ):
         c = self.config
         h, new_cache = LlamaModel(c, self.dtype, self.remat, self.scan_layers, name="model")(
-            input_ids, attention_mask, positions, cache
+            input_ids, attention_mask, positions, cache, segment_ids
         )
         if hidden_only:
             return h
