@@ -28,7 +28,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 def jqlora_runner(path, quantization, batch_ids, new_tokens):
     import jqlora
-    from jqlora.generate import generate
+    from jqlora.generation import generate
 
     model, params = jqlora.load_hf(path, quantization)
 

@@ -1,106 +1,111 @@
-"""jqlora: QLoRA fine-tuning in pure JAX."""
+"""jqlora: QLoRA fine-tuning in pure JAX.
 
-from jqlora import host_malloc, xla_flags
+The everyday path is here; the rest lives in subpackages, imported as namespaces:
+``jqlora.quant``, ``jqlora.kernels``, ``jqlora.lora``, ``jqlora.models``, ``jqlora.hf``,
+``jqlora.train``, ``jqlora.sharding``, ``jqlora.distributed``, ``jqlora.runtime``.
 
-# Before anything here starts JAX's CPU back end: the opt-in XLA flag (JQLORA_XLA_FLAGS=1),
-# and a C heap that keeps freed memory (opt out: JQLORA_HOST_MALLOC=system).
-xla_flags.configure()
-host_malloc.configure()
+Importing jqlora changes nothing in the process (no malloc settings, no XLA flags, no
+``jax.config`` value): the names below load on first use. The `jqlora` command tunes a
+CPU host's runtime at its start (``jqlora.runtime.tune_cpu``); a program of your own may
+call that too.
+"""
 
-from jqlora.quant import QuantizedTensor, dequantize, quantize  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["QuantizedTensor", "dequantize", "quantize"]
+from typing import TYPE_CHECKING
+
+from jqlora._lazy import lazy_names
+
 __version__ = "0.1.0"
 
-from jqlora.lora import (  # noqa: E402
-    LoraConfig,
-    LoraSpec,
-    check_lora,
-    init_lora,
-    init_lora_and_residual,
-    merge_lora,
-)
+# name -> the module that defines it
+_EXPORTS = {
+    # 4-bit blockwise quantization, byte-identical to bitsandbytes
+    "QuantizedTensor": "jqlora.quant",
+    "quantize": "jqlora.quant",
+    "dequantize": "jqlora.quant",
+    "from_bnb": "jqlora.quant",
+    "to_bnb": "jqlora.quant",
+    "qmatmul": "jqlora.kernels",
+    # Hugging Face checkpoints and PEFT adapters
+    "QuantConfig": "jqlora.hf",
+    "load_hf": "jqlora.hf",
+    "save_hf": "jqlora.hf",
+    "load_peft_adapter": "jqlora.hf.peft",
+    "save_peft_adapter": "jqlora.hf.peft",
+    # LoRA as a separate pytree
+    "LoraConfig": "jqlora.lora",
+    "init_lora": "jqlora.lora",
+    "merge_lora": "jqlora.lora",
+    # training
+    "TrainState": "jqlora.train.step",
+    "init_train_state": "jqlora.train.step",
+    "loss_fn": "jqlora.train.step",
+    "make_optimizer": "jqlora.train.step",
+    "make_train_step": "jqlora.train.step",
+    "offload": "jqlora.train.offload",
+    "estimate_memory": "jqlora.memory",
+    "generate": "jqlora.generation",
+    # the whole run, as `jqlora finetune` does it (the application, jqlora.app)
+    "FinetuneConfig": "jqlora.app.config",
+    "finetune": "jqlora.app.loop",
+}
 
-__all__ += [
-    "LoraConfig",
-    "LoraSpec",
-    "check_lora",
-    "init_lora",
-    "init_lora_and_residual",
-    "merge_lora",
-]
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())
 
-from jqlora.hf import QuantConfig, load_hf, save_hf  # noqa: E402
-
-__all__ += ["QuantConfig", "load_hf", "save_hf"]
-
-from jqlora.train.step import (  # noqa: E402
-    TrainState,
-    init_train_state,
-    loss_fn,
-    make_optimizer,
-    make_train_step,
-    next_token_loss,
-)
-
-__all__ += [
-    "TrainState",
-    "init_train_state",
-    "loss_fn",
-    "make_optimizer",
-    "make_train_step",
-    "next_token_loss",
-]
-
-from jqlora.train.offload import offload  # noqa: E402
-
-__all__ += ["offload"]
-
-from jqlora.kernels import qmatmul  # noqa: E402
-
-__all__ += ["qmatmul"]
-
-from jqlora.quant import from_bnb, to_bnb  # noqa: E402
-
-__all__ += ["from_bnb", "to_bnb"]
-
-from jqlora.memory import estimate_memory  # noqa: E402
-
-__all__ += ["estimate_memory"]
-
-from jqlora import distributed  # noqa: E402
-from jqlora.sharding import (  # noqa: E402
-    make_mesh,
-    parse_mesh,
-    placer,
-    shard,
-    shard_batch,
-    shard_train_state,
-)
-
-__all__ += [
-    "distributed",
-    "make_mesh",
-    "parse_mesh",
-    "placer",
-    "shard",
-    "shard_batch",
-    "shard_train_state",
-]
-
-from jqlora.generate import generate, stream_generate  # noqa: E402
-from jqlora.hf.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
-from jqlora.lora.multi import map_rows, stack_adapters  # noqa: E402
-
-__all__ += [
-    "generate",
-    "load_peft_adapter",
-    "map_rows",
-    "save_peft_adapter",
-    "stack_adapters",
-    "stream_generate",
-]
-
-from jqlora.train.loop import FinetuneResult, finetune  # noqa: E402
-
-__all__ += ["FinetuneResult", "finetune"]
+if TYPE_CHECKING:
+    from jqlora.app.config import FinetuneConfig as FinetuneConfig
+    from jqlora.app.loop import finetune as finetune
+    from jqlora.generation import generate as generate
+    from jqlora.hf import QuantConfig as QuantConfig
+    from jqlora.hf import load_hf as load_hf
+    from jqlora.hf import save_hf as save_hf
+    from jqlora.hf.peft import (
+        load_peft_adapter as load_peft_adapter,
+    )
+    from jqlora.hf.peft import (
+        save_peft_adapter as save_peft_adapter,
+    )
+    from jqlora.kernels import qmatmul as qmatmul
+    from jqlora.lora import (
+        LoraConfig as LoraConfig,
+    )
+    from jqlora.lora import (
+        init_lora as init_lora,
+    )
+    from jqlora.lora import (
+        merge_lora as merge_lora,
+    )
+    from jqlora.memory import estimate_memory as estimate_memory
+    from jqlora.quant import (
+        QuantizedTensor as QuantizedTensor,
+    )
+    from jqlora.quant import (
+        dequantize as dequantize,
+    )
+    from jqlora.quant import (
+        from_bnb as from_bnb,
+    )
+    from jqlora.quant import (
+        quantize as quantize,
+    )
+    from jqlora.quant import (
+        to_bnb as to_bnb,
+    )
+    from jqlora.train.offload import offload as offload
+    from jqlora.train.step import (
+        TrainState as TrainState,
+    )
+    from jqlora.train.step import (
+        init_train_state as init_train_state,
+    )
+    from jqlora.train.step import (
+        loss_fn as loss_fn,
+    )
+    from jqlora.train.step import (
+        make_optimizer as make_optimizer,
+    )
+    from jqlora.train.step import (
+        make_train_step as make_train_step,
+    )

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jqlora.hf.quant_config import QuantConfig
+from jqlora.hf.quant_config import QuantConfig, as_quant_config
 from jqlora.kernels.xla import CHUNK_ELEMENTS
 from jqlora.lora import LoraConfig, init_lora
 from jqlora.lora.targets import dotted, get_in, linear_modules
@@ -286,14 +286,6 @@ def _gb(n) -> str:
     return "-" if n is None else f"{n / GB:.3f}"
 
 
-def _quantization(q) -> QuantConfig | None:
-    if q is None or isinstance(q, QuantConfig):
-        return q
-    if isinstance(q, str):
-        return QuantConfig(quant_type=q)
-    raise ValueError(f"quantization must be None, 'nf4', 'fp4' or a QuantConfig; got {q!r}")
-
-
 def abstract_params(hf_config: dict, dtype=jnp.float32):
     """The model's params as ``ShapeDtypeStruct`` leaves (nothing allocated)."""
     return _abstract_params(
@@ -348,7 +340,7 @@ def estimate_memory(
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     hf = load_config(config)
-    quant = _quantization(quantization)
+    quant = as_quant_config(quantization)
     lora_config = lora_config or LoraConfig()
     if lora_config.changes_base:  # PiSSA / LoftQ: the same adapter shapes as the default init
         lora_config = dataclasses.replace(lora_config, init="default")

@@ -16,11 +16,12 @@ import jax
 import numpy as np
 
 import jqlora
-from jqlora.generate import generate
+from jqlora.app.prepare import make_schedule
+from jqlora.app.run_args import default_data_path
+from jqlora.generation import generate
 from jqlora.hf.peft import save_peft_adapter
 from jqlora.hf.smollm2 import smollm2_gguf_path
 from jqlora.train import data as jdata
-from jqlora.train.loop import default_data_path, make_schedule
 
 
 def main():

@@ -2,7 +2,7 @@
 
     python finetune_under_faults.py [--pause-at EVENT:N] finetune ARGS...
 
-Runs ``jqlora.cli.main(["finetune", ...])`` in this process after wrapping what
+Runs ``jqlora.app.cli.main(["finetune", ...])`` in this process after wrapping what
 ``jqlora.train.checkpoint`` calls (its ``os``, ``np`` and ``shutil``), the train step and
 the adapter writer, so that each of these moments prints a line ``@@ EVENT [STEP]`` to
 stdout (flushed at once):
@@ -61,9 +61,9 @@ def _install_hooks() -> None:
 
     import numpy as np
 
+    from jqlora.app import prepare
     from jqlora.hf import peft
     from jqlora.train import checkpoint as ckpt
-    from jqlora.train import prepare
 
     def makedirs(path, *args, **kwargs):
         os.makedirs(path, *args, **kwargs)
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         argv = argv[2:]
     emit("start")
     _install_hooks()
-    from jqlora.cli import main as jqlora_main
+    from jqlora.app.cli import main as jqlora_main
 
     return jqlora_main(argv)
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import jqlora
+from jqlora.app.quantize_cli import quantize_checkpoint
 from jqlora.hf.load import check_checkpoint_path
-from jqlora.hf.quantize_cli import quantize_checkpoint
 from jqlora.lora import LoraConfig
 from jqlora.models import model_for_config
 
@@ -350,8 +350,12 @@ def test_gguf_path_that_is_not_gguf(tmp_path, content, message):
 
 
 def test_load_hf_settings(tiny):
-    with pytest.raises(ValueError, match="quantization must be a QuantConfig or None, got 'nf4'"):
-        jqlora.load_hf(tiny[0], quantization="nf4")
+    with pytest.raises(
+        ValueError, match="quantization must be a QuantConfig, 'nf4', 'fp4' or None, got 4"
+    ):
+        jqlora.load_hf(tiny[0], quantization=4)
+    with pytest.raises(ValueError, match="quant_type 'int8' is not one of"):
+        jqlora.load_hf(tiny[0], quantization="int8")
     with pytest.raises(ValueError, match="dtype must be a floating-point dtype, got int32"):
         jqlora.load_hf(tiny[0], dtype=jnp.int32)
     with pytest.raises(ValueError, match="dtype 'floaty' is not a dtype"):

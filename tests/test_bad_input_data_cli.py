@@ -8,7 +8,7 @@ truncation leaves no answer token at all is an error.
 
 Command lines: each nonsense value or path makes ``jqlora <command>`` exit with status 2
 and print exactly one line, ``jqlora <command>: error: ...``, naming the option or file,
-with no traceback. The tests call ``jqlora.cli.main`` in-process with model loading
+with no traceback. The tests call ``jqlora.app.cli.main`` in-process with model loading
 replaced by a failure, which proves each check runs before any model loads; two runs in a
 real subprocess confirm the exit status and the absence of a traceback end to end.
 """
@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jqlora
-from jqlora.cli import main
+from jqlora.app.cli import main
 from jqlora.lora import LoraConfig
 from jqlora.models import model_for_config
 from jqlora.train import data
@@ -310,13 +310,13 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
+    import jqlora.app.loop
+    import jqlora.app.merge_cli
     import jqlora.hf
-    import jqlora.hf.merge_cli
-    import jqlora.train.loop
 
     monkeypatch.setattr(jqlora.hf, "load_hf", refuse)
-    monkeypatch.setattr(jqlora.train.loop, "finetune", refuse)
-    monkeypatch.setattr(jqlora.hf.merge_cli, "merge_checkpoint", refuse)
+    monkeypatch.setattr(jqlora.app.loop, "finetune", refuse)
+    monkeypatch.setattr(jqlora.app.merge_cli, "merge_checkpoint", refuse)
 
 
 def run_cli(argv, capsys) -> tuple[int, list[str], str]:
@@ -523,7 +523,7 @@ def test_a_real_process_exits_2_with_one_line(tiny, argv, needle):
     argv = [a.format(model=tiny["model"], bad=tiny["bad_data"]) for a in argv]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-m", "jqlora.cli", *argv, "--out", str(tiny["root"] / "proc")],
+        [sys.executable, "-m", "jqlora", *argv, "--out", str(tiny["root"] / "proc")],
         capture_output=True,
         text=True,
         env=env,

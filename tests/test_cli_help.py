@@ -9,7 +9,7 @@ import argparse
 import numpy as np
 import pytest
 
-from jqlora.cli import build_parser, main
+from jqlora.app.cli import build_parser, main
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import types
 
 import numpy as np
 import pytest
+import yaml
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 from safetensors.numpy import load_file
 
-from jqlora.cli import main
+from jqlora.app import loop
+from jqlora.app.cli import main
+from jqlora.app.config import FinetuneConfig
+from jqlora.app.run_args import checkpoint_to_resume
 from jqlora.train import checkpoint as ckpt
-from jqlora.train import loop
-from jqlora.train.run_args import checkpoint_to_resume
 
 # seq_len 32 holds every example in one bucket: one compiled step per run.
 RUN = dict(
@@ -55,7 +56,9 @@ def losses(out) -> list:
 def whole(tiny, tmp_path_factory):
     """An uninterrupted 5-step run."""
     model_dir, data = tiny
-    return loop.finetune(model_dir, data, str(tmp_path_factory.mktemp("whole")), steps=5, **RUN)
+    return loop.finetune(
+        model=model_dir, data=data, out=str(tmp_path_factory.mktemp("whole")), steps=5, **RUN
+    )
 
 
 def test_run_killed_during_a_save_resumes_to_the_identical_adapter(
@@ -75,11 +78,11 @@ def test_run_killed_during_a_save_resumes_to_the_identical_adapter(
     out = str(tmp_path / "resumed")
     monkeypatch.setattr(ckpt.os, "rename", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        loop.finetune(model_dir, data, out, steps=5, **RUN)
+        loop.finetune(model=model_dir, data=data, out=out, steps=5, **RUN)
     monkeypatch.setattr(ckpt.os, "rename", rename)
     assert ckpt.latest_checkpoint(os.path.join(out, "checkpoints")).endswith("step_00000002")
 
-    resumed = loop.finetune(model_dir, data, out, steps=5, resume=True, **RUN)
+    resumed = loop.finetune(model=model_dir, data=data, out=out, steps=5, resume=True, **RUN)
     flat = lambda t: [np.asarray(x) for x in __import__("jax").tree.leaves(t)]
     assert all((a == b).all() for a, b in zip(flat(whole.lora), flat(resumed.lora), strict=True))
     assert adapter_bytes(whole.out) == adapter_bytes(out)
@@ -221,18 +224,18 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
     # scan_layers rounds differently in bfloat16: a run cannot switch it either...
     assert main(argv("4", "--resume", "--scan-layers")) == 2
     assert "scan_layers" in capsys.readouterr().err
-    # ...and a checkpoint written before the setting existed resumes as an unscanned run.
+    # ...and a run whose config.yaml predates the setting resumes as an unscanned run.
     latest = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
-    with open(os.path.join(latest, "meta.json")) as f:
-        saved = json.load(f)
-    run_args = dict(saved["meta"]["args"])
-    del saved["meta"]["args"]["scan_layers"]
-    with open(os.path.join(latest, "meta.json"), "w") as f:
-        json.dump(saved, f)
-    resume = types.SimpleNamespace(out=out, resume=True)
-    assert checkpoint_to_resume(resume, run_args) == latest
-    with pytest.raises(ValueError, match="scan_layers"):
-        checkpoint_to_resume(resume, {**run_args, "scan_layers": True})
+    path = os.path.join(out, "config.yaml")
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    del saved["scan_layers"]
+    with open(path, "w") as f:
+        yaml.safe_dump(saved, f)
+    config = FinetuneConfig.from_dict({**saved, "out": out, "resume": True})
+    assert checkpoint_to_resume(config) == latest
+    with pytest.raises(ValueError, match="scan_layers: False -> True"):
+        checkpoint_to_resume(config.replace(scan_layers=True))
 
 
 def test_scan_layers_run_equals_the_unrolled_run(tiny, tmp_path):
@@ -243,7 +246,12 @@ def test_scan_layers_run_equals_the_unrolled_run(tiny, tmp_path):
     run = {**RUN, "compute_dtype": "float32"}
     adapters = [
         loop.finetune(
-            model_dir, data, str(tmp_path / f"scan-{scan}"), steps=3, scan_layers=scan, **run
+            model=model_dir,
+            data=data,
+            out=str(tmp_path / f"scan-{scan}"),
+            steps=3,
+            scan_layers=scan,
+            **run,
         )
         for scan in (False, True)
     ]
@@ -283,12 +291,13 @@ def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
     import sys
 
     model_dir, data = tiny
-    script = "from jqlora.train import loop\n" + (
+    script = "from jqlora.app import loop\n" + (
         f"run = dict({', '.join(f'{k}={v!r}' for k, v in RUN.items() if k != 'log')})\n"
     )
     for scan in (False, True):
         script += (
-            f"loop.finetune({str(model_dir)!r}, {data!r}, {str(tmp_path / f'mesh-{scan}')!r}, "
+            f"loop.finetune(model={str(model_dir)!r}, data={data!r}, "
+            f"out={str(tmp_path / f'mesh-{scan}')!r}, "
             f"steps=5, mesh='data=2,fsdp=2', scan_layers={scan}, log=lambda *a: None, **run)\n"
         )
     env = dict(

@@ -19,10 +19,10 @@ import pytest
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 
-from jqlora.cli import main
+from jqlora.app import loop, nonfinite
+from jqlora.app.cli import main
 from jqlora.train import checkpoint as ckpt
 from jqlora.train import data as data_lib
-from jqlora.train import loop, nonfinite
 from jqlora.train import step as step_lib
 from jqlora.train.offload import memory_kinds, offload
 from jqlora.train.step import init_train_state, make_optimizer, make_train_step
@@ -112,7 +112,7 @@ def clean(tiny, tmp_path_factory):
         save = ckpt.save_checkpoint
         mp.setattr(ckpt, "save_checkpoint", lambda *a, **k: save(*a, **{**k, "keep": 0}))
         poison(mp, [])
-        loop.finetune(model_dir, data, out, steps=5, save_every=1, **RUN, **QUIET)
+        loop.finetune(model=model_dir, data=data, out=out, steps=5, save_every=1, **RUN, **QUIET)
     return out
 
 
@@ -222,7 +222,7 @@ def test_skip_discards_the_step_logs_it_and_goes_on(tiny, clean, tmp_path, monke
     monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a, **k: save(*a, **{**k, "keep": 0}))
     logged = []
     result = loop.finetune(
-        model_dir, data, out, steps=5, save_every=1, on_nonfinite="skip", **RUN,
+        model=model_dir, data=data, out=out, steps=5, save_every=1, on_nonfinite="skip", **RUN,
         **{**QUIET, "log": logged.append},
     )  # fmt: skip
     assert result.skipped_steps == [3]
@@ -253,7 +253,7 @@ def test_skip_with_accumulation_discards_the_whole_update(tiny, tmp_path, monkey
         poison(monkeypatch, bad)
         out = runs[name] = str(tmp_path / name)
         loop.finetune(
-            model_dir, data, out, steps=4, grad_accum=2, save_every=1, on_nonfinite="skip",
+            model=model_dir, data=data, out=out, steps=4, grad_accum=2, save_every=1, on_nonfinite="skip",
             **RUN, **QUIET,
         )  # fmt: skip
     after_skip, before = arrays(step_dir(runs["nan"], 3)), arrays(step_dir(runs["clean"], 2))
@@ -287,7 +287,7 @@ def test_stop_names_the_step_keeps_the_last_good_state_and_writes_no_adapter(
 
     # Resuming with skip goes past the bad step; metrics hold each step once.
     result = loop.finetune(
-        model_dir, data, str(out), steps=5, save_every=4, resume=True, on_nonfinite="skip",
+        model=model_dir, data=data, out=str(out), steps=5, save_every=4, resume=True, on_nonfinite="skip",
         **RUN, **QUIET,
     )  # fmt: skip
     assert result.skipped_steps == [3]
@@ -302,7 +302,14 @@ def test_too_many_nonfinite_steps_in_a_row_stop_a_skipping_run(tiny, clean, tmp_
     limit = nonfinite.MAX_CONSECUTIVE_NONFINITE
     with pytest.raises(nonfinite.NonFiniteLossError) as caught:
         loop.finetune(
-            model_dir, data, out, steps=10, save_every=1, on_nonfinite="skip", **RUN, **QUIET
+            model=model_dir,
+            data=data,
+            out=out,
+            steps=10,
+            save_every=1,
+            on_nonfinite="skip",
+            **RUN,
+            **QUIET,
         )
     e = caught.value
     assert e.step == 1 + limit and f"{limit} non-finite steps in a row" in str(e)
@@ -314,7 +321,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_a_skipping_run(tiny, clean, tmp_
 
 def test_on_nonfinite_is_checked():
     with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip'"):
-        loop.finetune("unused", "unused", "unused", on_nonfinite="ignore")
+        loop.finetune(model="unused", data="unused", out="unused", on_nonfinite="ignore")
     with pytest.raises(SystemExit):
         main(["finetune", "--on-nonfinite", "ignore"])
 
@@ -374,7 +381,9 @@ def test_cli_reports_a_full_disk_and_the_run_resumes_after_it(
     assert same_bits(arrays(kept), arrays(step_dir(clean, 2)))
 
     # Space freed: --resume continues from step 2 and ends where the clean run ended.
-    loop.finetune(model_dir, data, str(out), steps=5, save_every=2, resume=True, **RUN, **QUIET)
+    loop.finetune(
+        model=model_dir, data=data, out=str(out), steps=5, save_every=2, resume=True, **RUN, **QUIET
+    )
     with (
         open(out / "adapter_model.safetensors", "rb") as f,
         open(os.path.join(clean, "adapter_model.safetensors"), "rb") as g,

@@ -11,7 +11,13 @@ from adapter_reference import VOCAB, jqlora_logits, load_torch, peft_config, tin
 from hf_reference import make_tiny
 
 import jqlora
-from jqlora.generate import SamplingConfig, _generate_jit, filter_logits, generate, stream_generate
+from jqlora.generation import (
+    SamplingConfig,
+    _generate_jit,
+    filter_logits,
+    generate,
+    stream_generate,
+)
 from jqlora.hf.peft import load_peft_adapter
 from jqlora.lora.multi import map_rows, stack_adapters
 

@@ -8,7 +8,7 @@ import torch
 from adapter_reference import VOCAB, load_torch, peft_config, tiny_configs
 from hf_reference import make_tiny
 
-from jqlora.cli import main
+from jqlora.app.cli import main
 
 WORDS = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}"

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from jqlora.app.run_args import default_data_path
 from jqlora.hf.smollm2 import smollm2_gguf_path
 from jqlora.hf.tokenizer import load_tokenizer
-from jqlora.train.loop import default_data_path
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_loads_without_torch(tokenizers):
     text = TEXTS[3]
     script = (
         "import sys; sys.modules['torch'] = None\n"
-        "import jqlora, jqlora.train.loop, jqlora.generate_cli\n"
+        "import jqlora, jqlora.app.loop, jqlora.app.generate_cli\n"
         "from jqlora.train.data import load_tokenizer\n"
         f"print(load_tokenizer({str(path)!r})({text!r})['input_ids'])\n"
     )

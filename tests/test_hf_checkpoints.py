@@ -184,7 +184,7 @@ def test_save_is_atomic(llama_dir, tmp_path, monkeypatch):
 
 
 def test_quantize_cli_matches_transformers_quantizing_itself(llama_dir, tmp_path):
-    from jqlora.cli import main
+    from jqlora.app.cli import main
 
     path, _ = llama_dir
     assert (
@@ -199,7 +199,7 @@ def test_quantize_cli_matches_transformers_quantizing_itself(llama_dir, tmp_path
 
 
 def test_quantize_cli_reports_bad_input(tmp_path, capsys):
-    from jqlora.cli import main
+    from jqlora.app.cli import main
 
     assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "missing: no such file or directory" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The C heap settings made at ``import jqlora`` (jqlora/host_malloc.py): a compiled
+"""The C heap settings made by ``jqlora.runtime.tune_cpu()`` (jqlora/host_malloc.py), which
+the `jqlora` command calls at its start on a CPU host: a compiled
 program's temporary buffer is no longer paged in anew at every run, the program's result
 is the same, a program's temporary is free when its call returns (dispatch is inline), and
 ``JQLORA_HOST_MALLOC=system`` keeps glibc's and JAX's defaults."""
@@ -23,6 +24,7 @@ _PROBE = """
 import json, resource
 import jax, jax.numpy as jnp
 import jqlora
+jqlora.runtime.tune_cpu()
 x = jax.random.normal(jax.random.key(0), (4096, 4096))
 f = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T)))
 float(f(x))
@@ -65,6 +67,7 @@ import ctypes, json, sys, time
 sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp
 import jqlora
+jqlora.runtime.tune_cpu()
 from tiny_lm import TinyLM, init_params, make_lora, quantize_base
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):

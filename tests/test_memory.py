@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import jqlora
-from jqlora.cli import main as cli_main
+from jqlora.app.cli import main as cli_main
 from jqlora.lora.targets import get_in, linear_modules, set_in
 from jqlora.memory import estimate_memory, quantized_bytes
 from jqlora.train.step import init_train_state, make_optimizer, make_train_step

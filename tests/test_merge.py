@@ -18,7 +18,7 @@ from adapter_reference import (
 )
 from hf_reference import make_tiny
 
-from jqlora.cli import main
+from jqlora.app.cli import main
 
 IDS = np.random.default_rng(1).integers(3, VOCAB, size=(2, 6))
 

@@ -211,8 +211,8 @@ def test_adapter_trained_on_a_4bit_base_loads_onto_jqlora_nf4(tmp_path):
 def test_finetune_adapter_names_the_default_model_by_its_hub_name(bases, tmp_path):
     """PEFT loads an adapter's base by ``base_model_name_or_path``: the default model's short
     name is jqlora's own, so the adapter records the hub name; any other model is as given."""
+    from jqlora.app.outputs import _save_adapter
     from jqlora.hf import smollm2
-    from jqlora.train.loop import _save_adapter
 
     base_dir, _, params = bases("llama")
     config = jqlora.LoraConfig(r=2, target_modules=["q_proj"])

@@ -1,4 +1,4 @@
-"""The opt-in CPU XLA flag set at ``import jqlora`` (jqlora/xla_flags.py): off by default,
+"""The opt-in CPU XLA flag set by ``jqlora.runtime.tune_cpu()`` (jqlora/xla_flags.py): off by default,
 added and in effect when asked, a user's own setting kept."""
 
 import json
@@ -27,6 +27,7 @@ def test_off_unless_asked_and_a_users_own_setting_wins():
 # A bfloat16 exp-multiply chain: YNNPACK takes it only with the flag.
 _PROBE = """
 import json, os, jax, jax.numpy as jnp, jqlora
+jqlora.runtime.tune_cpu()
 f = jax.jit(lambda x: (jnp.exp(x) * 2).astype(jnp.bfloat16))
 hlo = f.lower(jnp.ones((64, 64))).compile().as_text()
 print(json.dumps([os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo]))
@@ -43,7 +44,7 @@ def _probe(**env) -> tuple[str, bool]:
     return flags, ynn
 
 
-def test_asked_import_jqlora_puts_elementwise_fusions_on_ynnpack():
+def test_asked_tune_cpu_puts_elementwise_fusions_on_ynnpack():
     flags, ynn = _probe(**{xla_flags.OPT_IN: "1"})
     assert flags == FLAG and ynn
 
@@ -54,7 +55,7 @@ def test_by_default_xla_keeps_its_defaults():
 
 
 def test_too_late_once_the_backend_started():
-    # Started before jqlora's import: the process keeps its flags, configure says so.
+    # Started before the call: the process keeps its flags, configure says so.
     code = (
         "import jax.numpy as jnp; jnp.ones(1).block_until_ready(); import os;"
         "from jqlora import xla_flags; os.environ.pop('XLA_FLAGS', None);"

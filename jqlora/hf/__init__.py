@@ -1,7 +1,18 @@
 """Hugging Face checkpoints in and out: safetensors (sharded), bitsandbytes 4-bit, GGUF."""
 
-from jqlora.hf.load import load_hf
-from jqlora.hf.quant_config import QuantConfig
-from jqlora.hf.save import save_hf
+from typing import TYPE_CHECKING
 
-__all__ = ["QuantConfig", "load_hf", "save_hf"]
+from jqlora._lazy import lazy_names
+
+_EXPORTS = {
+    "load_hf": "jqlora.hf.load",
+    "QuantConfig": "jqlora.hf.quant_config",
+    "save_hf": "jqlora.hf.save",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())
+
+if TYPE_CHECKING:
+    from jqlora.hf.load import load_hf as load_hf
+    from jqlora.hf.quant_config import QuantConfig as QuantConfig
+    from jqlora.hf.save import save_hf as save_hf

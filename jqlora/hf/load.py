@@ -19,7 +19,7 @@ import numpy as np
 
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
-from jqlora.hf.quant_config import QuantConfig
+from jqlora.hf.quant_config import QuantConfig, as_quant_config
 from jqlora.models import checkpoint_map, model_for_config
 from jqlora.quant import quantize
 
@@ -109,7 +109,7 @@ def linear_layers(hf_config: dict, source: str = "config.json") -> list[tuple[st
 
 def load_hf(
     path,
-    quantization: QuantConfig | None = None,
+    quantization: QuantConfig | str | None = None,
     dtype=jnp.float32,
     *,
     compute_dtype=None,
@@ -121,7 +121,8 @@ def load_hf(
 
     path: a directory with config.json and ``model.safetensors`` (or shards with
       ``model.safetensors.index.json``), or a ``.gguf`` file (or a directory plus ``gguf_file``).
-    quantization: quantize linear weights as they load (bitsandbytes-identical bytes). A
+    quantization: quantize linear weights as they load (bitsandbytes-identical bytes): a
+      ``QuantConfig``, or ``"nf4"`` / ``"fp4"`` for ``QuantConfig(quant_type)``. A
       checkpoint that is already bitsandbytes 4-bit loads as it is stored; passing a
       different ``quantization`` for it is an error.
     dtype: the dtype of every float param (embeddings, norms, unquantized weights).
@@ -131,11 +132,7 @@ def load_hf(
       shards); pre-quantized and GGUF checkpoints are placed after loading.
     """
     path = Path(path)
-    if quantization is not None and not isinstance(quantization, QuantConfig):
-        raise ValueError(
-            f"load_hf: quantization must be a QuantConfig or None, got {quantization!r} "
-            '(e.g. QuantConfig("nf4"))'
-        )
+    quantization = as_quant_config(quantization)
     dtype = _float_dtype(dtype, "dtype")
     compute_dtype = _float_dtype(compute_dtype or dtype, "compute_dtype")
     if gguf_file is not None or path.suffix == ".gguf":

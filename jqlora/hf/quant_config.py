@@ -114,3 +114,21 @@ class QuantConfig:
             double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
             skip_modules=tuple(qc.get("llm_int8_skip_modules") or ("lm_head",)),
         )
+
+
+def as_quant_config(quantization) -> QuantConfig | None:
+    """``quantization`` as a ``QuantConfig``: one already; ``"nf4"`` / ``"fp4"`` (shorthand
+    for ``QuantConfig(quant_type)``: blocksize 64, double quantization, ``lm_head`` kept);
+    a mapping of its fields; or None (no quantization)."""
+    if quantization is None or isinstance(quantization, QuantConfig):
+        return quantization
+    if isinstance(quantization, str):
+        return QuantConfig(quant_type=quantization)
+    if isinstance(quantization, dict):
+        unknown = set(quantization) - {f.name for f in dataclasses.fields(QuantConfig)}
+        if unknown:
+            raise ValueError(f"QuantConfig: unknown field(s) {sorted(unknown)}")
+        return QuantConfig(**quantization)
+    raise ValueError(
+        f"quantization must be a QuantConfig, 'nf4', 'fp4' or None, got {quantization!r}"
+    )

@@ -1,4 +1,4 @@
-"""What a finished fine-tuning run leaves (see ``jqlora.train.loop``): the PEFT adapter,
+"""What a finished fine-tuning run leaves (see ``jqlora.app.loop``): the PEFT adapter,
 loss.png, report.md, a summary in the log and the ``FinetuneResult``."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import os
 import shutil
 import time
 
-from jqlora.train import report as report_lib
-from jqlora.train.prepare import Run
-from jqlora.train.report import format_loss
-from jqlora.train.run_args import FinetuneArgs
+from jqlora.app import report as report_lib
+from jqlora.app.config import FinetuneConfig
+from jqlora.app.prepare import Run
+from jqlora.app.report import format_loss
 from jqlora.train.step import TrainState, all_finite
 
 
@@ -38,55 +38,56 @@ class FinetuneResult:
     sample_after: str | None
     lora: object = dataclasses.field(repr=False, default=None)
     skipped_steps: list[int] = dataclasses.field(default_factory=list)
+    config: FinetuneConfig | None = None  # resolved: as in OUT/config.yaml
 
 
 def finish_run(
     run: Run, state: TrainState, eval_loss_after: float | None, t_start: float
 ) -> FinetuneResult:
     """Samples the trained model, writes the adapter, loss.png and report.md into
-    ``run.args.out`` and logs a summary of the run begun at ``t_start`` (``time.time()``)."""
-    args, meta = run.args, run.meta
+    the run's output directory and logs a summary of the run begun at ``t_start``
+    (``time.time()``)."""
+    config, record, out = run.config, run.record, run.out
     lora = state.lora
-    sample_after = run.sample_answer(lora) if args.sample else None
-    _save_adapter(args.out, lora, run.lora_config, args.model)
+    sample = config.output.sample
+    sample_after = run.sample_answer(lora) if sample else None
+    _save_adapter(out, lora, config.lora, config.model.path)
     result = FinetuneResult(
-        out=args.out,
-        model=args.model,
-        data=run.data,
+        out=out,
+        model=config.model.path,
+        data=str(config.data.path),  # resolved: the file read
         steps=run.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seq_len=args.seq_len,
+        batch_size=config.data.batch_size,
+        grad_accum=config.loop.grad_accum,
+        seq_len=config.data.seq_len,
         n_train=len(run.train_set),
         n_eval=len(run.eval_set),
-        eval_loss_before=meta["eval_loss_before"],
+        eval_loss_before=record.eval_loss_before,
         eval_loss_after=eval_loss_after,
-        tokens_per_s=meta["timed_tokens"] / meta["timed_s"] if meta["timed_s"] else 0.0,
-        train_time_s=meta["train_time_s"],
+        tokens_per_s=record.timed_tokens / record.timed_s if record.timed_s else 0.0,
+        train_time_s=record.train_time_s,
         memory=report_lib.peak_memory_bytes(),
-        sample_prompt=run.tokenizer.decode(run.sample_ids) if args.sample else None,
-        sample_before=meta["sample_before"],
+        sample_prompt=run.tokenizer.decode(run.sample_ids) if sample else None,
+        sample_before=record.sample_before,
         sample_after=sample_after,
         lora=lora,
-        skipped_steps=list(meta["skipped_steps"]),
+        skipped_steps=list(record.skipped_steps),
+        config=config,
     )
-    report_lib.plot_loss(
-        report_lib.read_metrics(run.metrics_path), os.path.join(args.out, "loss.png")
-    )
+    report_lib.plot_loss(report_lib.read_metrics(run.metrics_path), os.path.join(out, "loss.png"))
     text = report_lib.format_report(result)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
-    _log_summary(result, args, t_start)
+    _log_summary(result, run.log, sample, t_start)
     return result
 
 
-def _log_summary(result: FinetuneResult, args: FinetuneArgs, t_start: float) -> None:
-    log = args.log
+def _log_summary(result: FinetuneResult, log, sample: bool, t_start: float) -> None:
     log(
         f"eval loss: {format_loss(result.eval_loss_before)} before -> "
         f"{format_loss(result.eval_loss_after)} after"
     )
-    if args.sample:
+    if sample:
         log(f"sample before: {result.sample_before!r}\nsample after:  {result.sample_after!r}")
     if result.skipped_steps:
         log(f"skipped {len(result.skipped_steps)} non-finite steps: {result.skipped_steps}")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jqlora import argtypes
-from jqlora.hf import safetensors_io
-from jqlora.hf.load import checkpoint_plan, convert_tensor, progress_bar, read_config
-from jqlora.hf.quant_config import QuantConfig
-from jqlora.models import model_for_config
-from jqlora.quant import QuantizedTensor
+from jqlora.app import argtypes
+
+if TYPE_CHECKING:
+    from jqlora.hf.quant_config import QuantConfig
 
 
 def quantize_checkpoint(
@@ -25,13 +24,21 @@ def quantize_checkpoint(
     out,
     quantization: QuantConfig | None = None,
     *,
-    max_shard_bytes: int = safetensors_io.MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     progress: bool | None = None,
 ) -> Path:
     """Write ``src`` (float safetensors) to ``out`` in bitsandbytes 4-bit format (default:
-    NF4, blocksize 64, double quant, lm_head kept in float); atomic."""
-    quantization = quantization or QuantConfig()
+    NF4, blocksize 64, double quant, lm_head kept in float; shards of at most
+    ``max_shard_bytes``, default ``safetensors_io.MAX_SHARD_BYTES``); atomic."""
+    from jqlora.hf import safetensors_io
     from jqlora.hf.bnb_io import bnb_tensors
+    from jqlora.hf.load import checkpoint_plan, convert_tensor, progress_bar, read_config
+    from jqlora.hf.quant_config import QuantConfig
+    from jqlora.models import model_for_config
+    from jqlora.quant import QuantizedTensor
+
+    quantization = quantization or QuantConfig()
+    max_shard_bytes = max_shard_bytes or safetensors_io.MAX_SHARD_BYTES
 
     src, out = Path(src), Path(out)
     hf_config = read_config(src)
@@ -87,7 +94,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def register(subparsers) -> None:
-    from jqlora.cli import HelpFormatter
+    from jqlora.app.parsing import HelpFormatter
 
     p = subparsers.add_parser(
         "quantize",
@@ -135,7 +142,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from jqlora.cli import InputError
+    from jqlora.app.parsing import InputError
+    from jqlora.hf.quant_config import QuantConfig
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"{args.out}: exists and is not a directory")

@@ -6,6 +6,8 @@ out of the state; ``finetune`` then stops or skips (``on_nonfinite``) with these
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,16 +69,17 @@ def undo_partial_accumulation(state, applied: int):
     )
 
 
-def keep_last_good(ckpt_dir, good_step, saved_step, state, rng, meta, grad_accum):
+def keep_last_good(ckpt_dir, good_step, saved_step, state, rng, record, grad_accum):
     """The checkpoint a stopped run resumes from. ``state`` is still that of ``good_step``
-    (the steps after it were all discarded): saved as such unless a checkpoint of
-    ``good_step`` or later (of the same state) exists."""
+    (the steps after it were all discarded): saved as such, with ``record`` (a
+    ``RunRecord``) as it stood there, unless a checkpoint of ``good_step`` or later (of
+    the same state) exists."""
     if good_step <= saved_step or good_step == 0:
         return ckpt.latest_checkpoint(ckpt_dir)
-    good = dict(
-        meta,
+    good = dataclasses.replace(
+        record,
         data_position=good_step * grad_accum,
-        skipped_steps=[s for s in meta["skipped_steps"] if s <= good_step],
+        skipped_steps=[s for s in record.skipped_steps if s <= good_step],
         nonfinite_streak=0,
     )
-    return ckpt.save_checkpoint(ckpt_dir, good_step, {"state": state, "rng": rng}, good)
+    return ckpt.save_checkpoint(ckpt_dir, good_step, {"state": state, "rng": rng}, good.to_meta())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from jqlora import argtypes
+from jqlora.app import argtypes
 
 
 def register(subparsers) -> None:
-    from jqlora.cli import HelpFormatter
+    from jqlora.app.parsing import HelpFormatter
 
     p = subparsers.add_parser(
         "estimate-memory",
@@ -91,7 +91,7 @@ def _targets(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from jqlora.cli import InputError
+    from jqlora.app.parsing import InputError
     from jqlora.hf.quant_config import QuantConfig
     from jqlora.hf.smollm2 import resolve_model
     from jqlora.lora import LoraConfig

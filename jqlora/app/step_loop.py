@@ -1,4 +1,4 @@
-"""The steps of a fine-tuning run (see ``jqlora.train.loop``): each update over
+"""The steps of a fine-tuning run (see ``jqlora.app.loop``): each update over
 ``grad_accum`` micro-batches, a line of metrics.jsonl, the held-out loss every
 ``eval_every`` steps and a checkpoint every ``save_every``; a non-finite step stops the run
 or is skipped (``on_nonfinite``)."""
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqlora import sharding
+from jqlora.app import nonfinite
+from jqlora.app.prepare import Run
+from jqlora.app.report import format_loss
 from jqlora.train import checkpoint as ckpt
-from jqlora.train import nonfinite
-from jqlora.train.prepare import Run, make_schedule
-from jqlora.train.report import format_loss
 from jqlora.train.step import TrainState
 
 
@@ -39,15 +39,14 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
 
     Raises ``NonFiniteLossError`` where a non-finite step stops the run, after saving the
     last good state as a checkpoint."""
-    args, meta, steps = run.args, run.meta, run.steps
-    schedule = make_schedule(args.lr, run.warmup_steps)
+    loop, record, steps = run.config.loop, run.record, run.steps
     state = run.state
     shapes_seen: set = set()
     last_eval = None
     saved_step = run.start_step  # the newest checkpoint of this run holds this step
     if run.start_step < steps:
         _log_compiling(run)
-    bar = _progress(steps, run.start_step, args.progress)
+    bar = _progress(steps, run.start_step, run.config.output.progress)
     # Time left is estimated from steps that compiled nothing: a compiling step is many
     # times slower, and tqdm's own estimate would promise hours after the first step.
     fast_s, fast_steps = 0.0, 0
@@ -57,33 +56,35 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
             update = _run_update(run, state, step, shapes_seen, bar)
             state = update.state
             dt = time.perf_counter() - t0
-            meta["train_time_s"] += dt
+            record.train_time_s += dt
             if not update.compiled:  # throughput of steps that did not compile a new shape
-                meta["timed_tokens"] += update.tokens
-                meta["timed_s"] += dt
+                record.timed_tokens += update.tokens
+                record.timed_s += dt
                 fast_s, fast_steps = fast_s + dt, fast_steps + 1
             done = step + 1
-            state, record = _settle(run, update, done)
+            state, line = _settle(run, update, done)
             # The schedule at this step (each skipped update before it delays the optimizer's).
-            record.update(tokens_per_s=update.tokens / dt, lr=float(schedule(step)))
-            streak = meta["nonfinite_streak"]
+            line.update(tokens_per_s=update.tokens / dt)
+            if run.schedule is not None:
+                line.update(lr=float(run.schedule(step)))
+            streak = record.nonfinite_streak
             if streak and (
-                args.on_nonfinite == "stop" or streak >= nonfinite.MAX_CONSECUTIVE_NONFINITE
+                loop.on_nonfinite == "stop" or streak >= nonfinite.MAX_CONSECUTIVE_NONFINITE
             ):
-                _write_record(metrics_file, record)
+                _write_line(metrics_file, line)
                 bar.close()
                 kept = nonfinite.keep_last_good(
-                    run.ckpt_dir, done - streak, saved_step, state, run.rng, meta, args.grad_accum
+                    run.ckpt_dir, done - streak, saved_step, state, run.rng, record, loop.grad_accum
                 )
                 raise nonfinite.NonFiniteLossError(
-                    done, record["reason"], streak, kept, args.on_nonfinite
+                    done, line["reason"], streak, kept, loop.on_nonfinite
                 )
             if streak:
-                args.log(f"step {done}: {record['reason']}; its update was skipped")
-            if run.eval_set and (done % args.eval_every == 0 or done == steps):
+                run.log(f"step {done}: {line['reason']}; its update was skipped")
+            if run.eval_set and (done % loop.eval_every == 0 or done == steps):
                 last_eval = run.eval_loss(state.lora)
-                record["eval_loss"] = last_eval
-            _write_record(metrics_file, record)
+                line["eval_loss"] = last_eval
+            _write_line(metrics_file, line)
             bar.update(1)
             bar.set_postfix(
                 {
@@ -93,9 +94,11 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
                     "left": _time_left(steps - done, fast_s, fast_steps),
                 }
             )
-            if done % args.save_every == 0 or done == steps:
-                meta["data_position"] = done * args.grad_accum  # micro-batches consumed
-                ckpt.save_checkpoint(run.ckpt_dir, done, {"state": state, "rng": run.rng}, meta)
+            if done % loop.save_every == 0 or done == steps:
+                record.data_position = done * loop.grad_accum
+                ckpt.save_checkpoint(
+                    run.ckpt_dir, done, {"state": state, "rng": run.rng}, record.to_meta()
+                )
                 saved_step = done
     bar.close()
     if run.start_step >= steps:  # the checkpoint resumed from was the last
@@ -105,7 +108,7 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
 
 def _run_update(run: Run, state: TrainState, step: int, shapes_seen: set, bar) -> _Update:
     """The ``grad_accum`` micro-batches of update ``step``; waits for them."""
-    grad_accum = run.args.grad_accum
+    grad_accum = run.config.loop.grad_accum
     tokens, compiled, micro_losses = 0, False, []
     skipped, micro_skipped = jnp.zeros((), jnp.bool_), []
     for j in range(grad_accum):
@@ -140,32 +143,32 @@ def _run_update(run: Run, state: TrainState, step: int, shapes_seen: set, bar) -
 
 def _settle(run: Run, update: _Update, done: int) -> tuple[TrainState, dict[str, Any]]:
     """The state after step ``done`` and its metrics line so far: the loss and gradient
-    norm, or for a skipped step ``skipped`` and the reason, with ``run.meta``'s skipped
+    norm, or for a skipped step ``skipped`` and the reason, with ``run.record``'s skipped
     steps and non-finite streak brought up to date."""
-    meta, state, grad_norm = run.meta, update.state, float(update.grad_norm)
-    record: dict[str, Any] = {"step": done}
+    record, state, grad_norm = run.record, update.state, float(update.grad_norm)
+    line: dict[str, Any] = {"step": done}
     if bool(update.skipped):  # the state is still that of the step before
-        if run.args.grad_accum > 1:  # the micro-batches before the bad one were accumulated
+        if run.config.loop.grad_accum > 1:  # micro-batches before the bad one were accumulated
             applied = sum(not bool(x) for x in update.micro_skipped)
             state = nonfinite.undo_partial_accumulation(state, applied)
-        meta["skipped_steps"].append(done)
-        meta["nonfinite_streak"] += 1
-        record.update(skipped=True, reason=nonfinite.reason(update.loss, grad_norm))
+        record.skipped_steps.append(done)
+        record.nonfinite_streak += 1
+        line.update(skipped=True, reason=nonfinite.reason(update.loss, grad_norm))
     else:
-        meta["nonfinite_streak"] = 0
-        record.update(loss=update.loss, grad_norm=grad_norm)
-    return state, record
+        record.nonfinite_streak = 0
+        line.update(loss=update.loss, grad_norm=grad_norm)
+    return state, line
 
 
-def _write_record(metrics_file: IO[str], record: dict[str, Any]) -> None:
-    metrics_file.write(json.dumps(record) + "\n")
+def _write_line(metrics_file: IO[str], line: dict[str, Any]) -> None:
+    metrics_file.write(json.dumps(line) + "\n")
     metrics_file.flush()
 
 
 def _log_compiling(run: Run) -> None:
     """Which steps run, and why the first ones are slow."""
     shapes = len(run.stream.buckets)
-    run.args.log(
+    run.log(
         f"training steps {run.start_step + 1}-{run.steps}: "
         + (
             "the first step compiles the train step first"

@@ -13,7 +13,7 @@ import numpy as np
 
 def sample_answer(model, params, lora, tokenizer, prompt_ids, *, max_new_tokens: int = 48) -> str:
     """The model's greedy answer to ``prompt_ids`` as text (special tokens dropped)."""
-    from jqlora.generate import generate
+    from jqlora.generation import generate
 
     stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
     ids = generate(

@@ -16,11 +16,9 @@ import argparse
 import os
 import shutil
 
-import jax.numpy as jnp
+from jqlora.app.parsing import HelpFormatter, InputError
 
-from jqlora.cli import HelpFormatter, InputError
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = ("bfloat16", "float16", "float32")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -35,14 +33,14 @@ TOKENIZER_FILES = (
 
 
 def merge_checkpoint(
-    model_path, adapter_path, out_dir, *, dtype=jnp.float32, quantize: str | None = None
+    model_path, adapter_path, out_dir, *, dtype="float32", quantize: str | None = None
 ) -> None:
     """Loads ``model_path`` and the PEFT adapter, merges (float32 math), saves to ``out_dir``."""
     from jqlora.hf import QuantConfig, load_hf, save_hf
     from jqlora.hf.peft import load_peft_adapter
     from jqlora.lora.merge import merge_lora
 
-    model, params = load_hf(model_path, dtype=jnp.float32)
+    model, params = load_hf(model_path, dtype="float32")
     lora, _ = load_peft_adapter(adapter_path, params)
     merged = merge_lora(params, lora, dtype=dtype)
     quantization = None if quantize is None else QuantConfig(quant_type=quantize)
@@ -81,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(e)) from None
     try:
         merge_checkpoint(
-            args.model, args.adapter, args.out, dtype=DTYPES[args.dtype], quantize=args.quantize
+            args.model, args.adapter, args.out, dtype=args.dtype, quantize=args.quantize
         )
     except ValueError as e:
         raise InputError(str(e)) from None
@@ -118,7 +116,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory for the merged checkpoint")
     p.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPES,
         default="float32",
         help="dtype of the written weights",
     )

@@ -3,7 +3,7 @@
     jqlora generate --model DIR_OR_GGUF [--adapter DIR] --prompt TEXT [--prompt TEXT ...]
     jqlora chat     --model DIR_OR_GGUF [--adapter DIR] [--system TEXT]
 
-``generate`` runs all prompts as one left-padded batch through ``jqlora.generate`` and
+``generate`` runs all prompts as one left-padded batch through ``jqlora.generation.generate`` and
 prints each continuation; ``chat`` applies the tokenizer's chat template to the
 conversation so far and streams the reply token by token. The tokenizer is the model's
 own (transformers' ``AutoTokenizer``; from a GGUF file, ``jqlora.hf.tokenizer``).
@@ -16,14 +16,10 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from jqlora.app.argtypes import non_empty, non_negative_float, positive_int, probability
+from jqlora.app.parsing import HelpFormatter, InputError
 
-from jqlora.argtypes import non_empty, non_negative_float, positive_int, probability
-from jqlora.cli import HelpFormatter, InputError
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = ("bfloat16", "float32")
 
 
 def eos_ids(model_path: str, tokenizer) -> list[int]:
@@ -58,7 +54,7 @@ def load_for_inference(args):
         raise InputError(str(e)) from None
     quantization = QuantConfig(quant_type=args.quantize) if args.quantize else None
     try:
-        model, params = load_hf(args.model, quantization, dtype=DTYPES[args.dtype])
+        model, params = load_hf(args.model, quantization, dtype=args.dtype)
         lora = load_peft_adapter(args.adapter, params)[0] if args.adapter else None
         tokenizer = load_tokenizer(args.model)
     except ValueError as e:
@@ -67,12 +63,16 @@ def load_for_inference(args):
 
 
 def _sampling(args) -> dict:
+    import jax
+
     key = jax.random.PRNGKey(args.seed)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, key=key)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from jqlora.generate import generate
+    import numpy as np
+
+    from jqlora.generation import generate
 
     model, params, lora, tokenizer = load_for_inference(args)
     encoded = [tokenizer(p)["input_ids"] for p in args.prompt]
@@ -99,7 +99,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def stream_reply(model, params, lora, tokenizer, ids, eos, args, out=None) -> str:
     """Streams the reply to ``ids`` to ``out`` (stdout) as it is produced; returns its text."""
-    from jqlora.generate import stream_generate
+    from jqlora.generation import stream_generate
 
     out = out or sys.stdout
     tokens, shown = [], ""
@@ -179,9 +179,7 @@ def _common(p: argparse.ArgumentParser, default_new_tokens: int) -> None:
         help="quantize the linear weights to 4 bits as they load, as in training; "
         "without it, they stay in --dtype",
     )
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="compute and weight dtype"
-    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and weight dtype")
     p.add_argument(
         "--max-new-tokens",
         type=positive_int,
