@@ -111,6 +111,13 @@ def parse_report_to(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n != "none"))
 
 
+def check_installed(report_to: str | Sequence[str]) -> None:
+    """Raises ImportError, with the install command, where a logger of ``report_to`` lacks its
+    package (checked before a run loads its model)."""
+    for name in parse_report_to(report_to):
+        _require(name)
+
+
 def make_loggers(report_to: Sequence[str], out: str, config: Mapping[str, Any]) -> Loggers:
     """The loggers named in ``report_to`` (see `parse_report_to`) for a run writing to ``out``.
     Raises ImportError, with the install command, where a logger's package is missing."""
