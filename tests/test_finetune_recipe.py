@@ -177,3 +177,25 @@ def test_missing_logger_package_is_an_input_error(tiny, tmp_path, capsys, monkey
         and "pip install 'jqlora[wandb]'" in err
     )
     assert not os.path.exists(out)  # refused before loading anything
+
+
+def test_estimate_memory_optimizer_flag(tmp_path, capsys):
+    """``jqlora estimate-memory --optimizer adamw_8bit`` counts the 8-bit state: a quarter of
+    AdamW's and a little more (one absmax per 256 per moment) for Llama-2-7B at r=64."""
+    cfg = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+           "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rows = {}
+    for name in ("adamw", "adamw_8bit"):
+        assert (
+            main(
+                ["estimate-memory", "--model", str(tmp_path), "--lora-r", "64", "--optimizer", name]
+            )
+            == 0
+        )
+        line = next(
+            x for x in capsys.readouterr().out.splitlines() if x.startswith("optimizer state")
+        )
+        rows[name] = float(line.split()[2])
+    assert rows["adamw"] == pytest.approx(1.279, abs=1e-3)  # 8 bytes x 159,907,840
+    assert rows["adamw_8bit"] == pytest.approx(rows["adamw"] * (2 + 8 / 256) / 8, abs=2e-3)
