@@ -16,12 +16,12 @@ import jax
 import numpy as np
 
 import jqlora
-from jqlora.app.prepare import make_schedule
 from jqlora.app.run_args import default_data_path
 from jqlora.generation import generate
 from jqlora.hf.peft import save_peft_adapter
 from jqlora.hf.smollm2 import smollm2_gguf_path
 from jqlora.train import data as jdata
+from jqlora.train.schedules import make_schedule
 
 
 def main():
@@ -58,7 +58,8 @@ def main():
 
     # 3. Clip to 0.3 + AdamW, constant learning rate after a short warm-up; the jitted step.
     optimizer = jqlora.make_optimizer(
-        make_schedule(args.lr, max(1, args.steps // 30)), max_grad_norm=0.3
+        make_schedule("constant_with_warmup", args.lr, args.steps, max(1, args.steps // 30)),
+        max_grad_norm=0.3,
     )
     state = jqlora.init_train_state(lora, optimizer)
     step = jqlora.make_train_step(model, optimizer)

@@ -194,13 +194,13 @@ def test_finetune_takes_an_optax_optimizer(tiny, flag_run, tmp_path):
     """The optimizer ``config.optim`` describes, given as an optax optimizer instead: the
     same adapter, bit for bit; metrics.jsonl then logs no learning rate."""
     from jqlora.app.loop import finetune
-    from jqlora.app.prepare import make_schedule
+    from jqlora.train.schedules import make_schedule
     from jqlora.train.step import make_optimizer
 
     model_dir, data = tiny
     config = parse("--model", model_dir, "--data", data, "--out", str(tmp_path / "o"), *FLAGS)
     config = config.replace(progress=False, sample=False)
-    optimizer = make_optimizer(make_schedule(5e-3, 1), max_grad_norm=0.3)
+    optimizer = make_optimizer(make_schedule("constant_with_warmup", 5e-3, 0, 1), max_grad_norm=0.3)
     result = finetune(config, optimizer, log=lambda *a: None)
     assert _adapter(result.out) == _adapter(flag_run)
     with open(os.path.join(result.out, "metrics.jsonl")) as f:

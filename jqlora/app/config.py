@@ -26,8 +26,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jqlora.app import argtypes
+from jqlora.app.loggers import parse_report_to
 from jqlora.hf.quant_config import QuantConfig, as_quant_config
 from jqlora.lora.config import LoraConfig
+from jqlora.train.optimizers import OPTIMIZERS
+from jqlora.train.schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = os.path.join("runs", "smollm2-house-style")
@@ -148,23 +151,79 @@ class DataConfig:
     eval_fraction: float = option(
         0.1,
         "eval_fraction",
-        "share of the examples held out for evaluation",
+        "share of the examples held out for evaluation (without --eval-data)",
         parse=argtypes.fraction,
+    )
+    eval_data: str | None = option(
+        None,
+        "eval_data",
+        "JSONL of held-out examples (the formats of --data); all of --data then trains",
+    )
+    packing: bool = option(
+        False,
+        "packing",
+        "fill each row of --seq-len with several examples; attention stays within each "
+        "example, positions restart and the loss is each example's own",
+        parse=argtypes.boolean,
     )
 
     def __post_init__(self):
         _check_fields(self)
 
 
+def _unit_interval(value) -> float:
+    parsed = argtypes.non_negative_float(value)
+    if parsed >= 1.0:
+        raise argtypes.BadValue(f"must be in [0, 1), got {value!r}")
+    return parsed
+
+
+def _ratio(value) -> float:
+    parsed = argtypes.non_negative_float(value)
+    if parsed > 1.0:
+        raise argtypes.BadValue(f"must be in [0, 1], got {value!r}")
+    return parsed
+
+
+def _report_to(value) -> str:
+    try:
+        return ",".join(parse_report_to(value)) or "none"
+    except ValueError as e:
+        raise argtypes.BadValue(str(e).removeprefix("report_to: ")) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The optimizer: AdamW with its gradient norm clipped (QLoRA's recipe)."""
+    """The optimizer (``jqlora.train.optimizers``): AdamW with its gradient norm clipped by
+    default (QLoRA's recipe)."""
 
-    lr: float = option(
-        2e-4, "lr", "peak learning rate (constant after warm-up)", parse=argtypes.positive_float
+    optimizer: str = option(
+        "adamw",
+        "optimizer",
+        "adamw_8bit: AdamW with 8-bit state (bitsandbytes' AdamW8bit)",
+        choices=OPTIMIZERS,
+    )
+    lr: float = option(2e-4, "lr", "peak learning rate", parse=argtypes.positive_float)
+    weight_decay: float = option(
+        0.0, "weight_decay", "decoupled weight decay (sgd: L2)", parse=argtypes.non_negative_float
+    )
+    adam_beta1: float = option(
+        0.9, "adam_beta1", "first-moment decay (adamw, adamw_8bit, lion)", parse=_unit_interval
+    )
+    adam_beta2: float = option(
+        0.999, "adam_beta2", "second-moment decay (lion: its update decay)", parse=_unit_interval
+    )
+    adam_epsilon: float = option(
+        1e-8,
+        "adam_epsilon",
+        "added to the root of the second moment",
+        parse=argtypes.positive_float,
     )
     max_grad_norm: float = option(
-        0.3, "max_grad_norm", "clip the gradient to this global norm", parse=argtypes.positive_float
+        0.3,
+        "max_grad_norm",
+        "clip the gradient to this global norm; 0: no clipping",
+        parse=argtypes.non_negative_float,
     )
     offload: bool = option(
         False, "offload_optimizer", "keep optimizer state in host memory", parse=argtypes.boolean
@@ -176,17 +235,40 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-    """The learning rate over the steps: a linear warm-up from 0, then constant."""
+    """The learning rate over the steps (``jqlora.train.schedules``, as transformers'
+    ``get_scheduler``): by default a linear warm-up from 0, then constant."""
 
+    lr_scheduler: str = option(
+        DEFAULT_SCHEDULE,
+        "lr_scheduler",
+        "the learning rate after warm-up (constant: no warm-up, as in transformers)",
+        choices=SCHEDULES,
+    )
     warmup_steps: int | None = option(
         None,
         "warmup_steps",
-        "updates of linear warm-up from 0 to --lr; default: 3%% of the steps (at least 1)",
+        "updates of linear warm-up from 0 to --lr; default: --warmup-ratio 0.03",
         parse=argtypes.non_negative_int,
+        exclusive="warmup",
+    )
+    warmup_ratio: float | None = option(
+        None,
+        "warmup_ratio",
+        "warm-up as a share of the steps, rounded up",
+        parse=_ratio,
+        exclusive="warmup",
+    )
+    min_lr_ratio: float = option(
+        0.0,
+        "min_lr_ratio",
+        "cosine_with_min_lr: the final learning rate as a share of --lr",
+        parse=_ratio,
     )
 
     def __post_init__(self):
         _check_fields(self)
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +360,13 @@ class OutputConfig:
     )
     progress: bool = option(
         True, "progress", "show a progress bar", parse=argtypes.boolean, resumable=True, flag=False
+    )
+    report_to: str = option(
+        "none",
+        "report_to",
+        "also log to none, tensorboard (OUT/tensorboard) or wandb; a comma-separated list",
+        parse=_report_to,
+        resumable=True,
     )
 
     def __post_init__(self):
@@ -449,20 +538,37 @@ class _Given(argparse.Action):
         namespace.given_options = given | {self.dest}
 
 
+#: section -> the heading of its flags in ``--help``
+HELP_GROUPS = {
+    "model": "model",
+    "quant": "model",
+    "data": "data",
+    "lora": "adapter",
+    "optim": "optimizer and schedule",
+    "schedule": "optimizer and schedule",
+    "loop": "loop",
+    "output": "output",
+}
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """A flag ``--key`` for each option with ``flag=True``: its help, its default (the
-    default config's), its check as the argparse type. Options of one exclusive group are
-    mutually exclusive flags."""
+    default config's), its check as the argparse type, under its section's heading
+    (`HELP_GROUPS`). Options of one exclusive group are mutually exclusive flags."""
     defaults = FinetuneConfig()
     groups: dict[str, Any] = {}
+    headings: dict[str, Any] = {}
     for key, ref in OPTIONS.items():
         opt = ref.option
         if not opt.flag:
             continue
-        target: Any = parser
+        heading = HELP_GROUPS[ref.section]
+        if heading not in headings:
+            headings[heading] = parser.add_argument_group(heading)
+        target: Any = headings[heading]
         if opt.exclusive:
             if opt.exclusive not in groups:
-                groups[opt.exclusive] = parser.add_mutually_exclusive_group()
+                groups[opt.exclusive] = target.add_mutually_exclusive_group()
             target = groups[opt.exclusive]
         flag = "--" + key.replace("_", "-")
         kwargs: dict[str, Any] = dict(dest=key, help=opt.help, action=_Given)

@@ -95,6 +95,7 @@ def _check_inputs(config: FinetuneConfig) -> None:
     the output path, every line of the data file, the model path and its config.json, and
     the LoRA settings against the model's linear layers (each listed target name must
     select one). Raises ``InputError`` naming the file, line or option."""
+    from jqlora.app.loggers import check_installed
     from jqlora.hf.hub import resolve_model
     from jqlora.hf.load import check_checkpoint_path, linear_layers
     from jqlora.hf.tokenizer import check_tokenizer_dir
@@ -108,6 +109,9 @@ def _check_inputs(config: FinetuneConfig) -> None:
     try:
         if data is not None:
             check_data_file(data)
+        if config.data.eval_data is not None:
+            check_data_file(config.data.eval_data)
+        check_installed(config.output.report_to)
         if model.lower() != DEFAULT_MODEL:
             if not os.path.exists(resolve_model(model)):  # a Hub id: its snapshot
                 raise ValueError(
@@ -117,7 +121,7 @@ def _check_inputs(config: FinetuneConfig) -> None:
             check_tokenizer_dir(model)
             if hf_config is not None:  # a GGUF file's layers are checked once it is loaded
                 check_target_names(targets, linear_layers(hf_config, f"{model}/config.json"))
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise InputError(str(e)) from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jqlora.app import argtypes
+from jqlora.train.optimizers import OPTIMIZERS
 
 
 def register(subparsers) -> None:
@@ -58,6 +59,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--offload", action="store_true", help="optimizer state in host memory, not on the device"
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="the optimizer whose state is counted (adamw_8bit: 8-bit moments)",
     )
     p.add_argument(
         "--remat",
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             args.seq_len,
             quantization=quant,
             offload=args.offload,
+            optimizer=args.optimizer,
             remat=args.remat,
             compute_dtype=args.compute_dtype,
             backend=args.backend,

@@ -74,7 +74,12 @@ def finish_run(
         skipped_steps=list(record.skipped_steps),
         config=config,
     )
-    report_lib.plot_loss(report_lib.read_metrics(run.metrics_path), os.path.join(out, "loss.png"))
+    run.loggers.close()
+    report_lib.plot_loss(
+        report_lib.read_metrics(run.metrics_path),
+        os.path.join(out, "loss.png"),
+        record.eval_loss_before,
+    )
     text = report_lib.format_report(result)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

@@ -10,6 +10,7 @@ and starts ``metrics.jsonl`` afresh.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from jqlora import sharding
 from jqlora.app import config as config_lib
 from jqlora.app import report as report_lib
 from jqlora.app.config import FinetuneConfig
+from jqlora.app.loggers import Loggers, make_loggers
 from jqlora.app.run_args import (
     checkpoint_to_resume,
     default_data_path,
@@ -35,6 +37,8 @@ from jqlora.hf.load import load_hf
 from jqlora.lora import init_lora
 from jqlora.train import checkpoint as ckpt
 from jqlora.train import data as data_lib
+from jqlora.train.packing import PackedStream
+from jqlora.train.schedules import make_schedule
 from jqlora.train.step import (
     TrainState,
     configure_model,
@@ -81,7 +85,7 @@ class Run:
     pad_id: int
     train_set: list[data_lib.Example]
     eval_set: list[data_lib.Example]
-    stream: data_lib.BatchStream
+    stream: Any  # data_lib.BatchStream, or packing.PackedStream
     device_mesh: Any  # None: one device
     base: Any  # the model
     params: Any  # its frozen (quantized) weights
@@ -93,6 +97,7 @@ class Run:
     start_step: int
     record: RunRecord
     log: Callable[[str], object]
+    loggers: Loggers = dataclasses.field(default_factory=Loggers)  # --report-to
 
     @property
     def out(self) -> str:
@@ -123,14 +128,6 @@ class Run:
             self.sample_ids,
             max_new_tokens=self.config.output.max_new_tokens,
         )
-
-
-def make_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` updates, then constant (QLoRA):
-    ``lr * min(1, step / warmup_steps)``."""
-    if warmup_steps <= 0:
-        return optax.constant_schedule(lr)
-    return optax.warmup_constant_schedule(0.0, lr, warmup_steps)
 
 
 def make_eval_fn(model, compute_dtype, *, scan_layers: bool | None = None):
@@ -177,13 +174,23 @@ def prepare_run(
     tokenizer = data_lib.load_tokenizer(path)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     examples, stats = data_lib.load_examples(data, tokenizer, d.seq_len)
-    train_set, eval_set = data_lib.split_eval(examples, d.eval_fraction, loop.seed)
-    stream = data_lib.BatchStream(train_set, d.batch_size, d.seq_len, pad_id, loop.seed)
+    if d.eval_data is None:
+        train_set, eval_set = data_lib.split_eval(examples, d.eval_fraction, loop.seed)
+    else:
+        train_set, (eval_set, _) = (
+            examples,
+            data_lib.load_examples(d.eval_data, tokenizer, d.seq_len),
+        )
+    stream: Any = (PackedStream if d.packing else data_lib.BatchStream)(
+        train_set, d.batch_size, d.seq_len, pad_id, loop.seed
+    )
     steps = total_steps(loop, stream)
     config = resolve(config, data, steps, compute_dtype)
     latest = checkpoint_to_resume(config)
     log(
         f"data: {data}: {len(train_set)} train / {len(eval_set)} held-out examples"
+        + (f" (held out: {d.eval_data})" if d.eval_data else "")
+        + (f" packed into {len(stream.rows)} rows" if d.packing else "")
         + (f" ({stats['truncated']} truncated to {d.seq_len} tokens)" if stats["truncated"] else "")
         + (f" ({stats['dropped']} without a target dropped)" if stats["dropped"] else "")
     )
@@ -194,13 +201,12 @@ def prepare_run(
         path, quantization=q, dtype=jnp.float32, progress=None if out.progress else False,
         place=place,
     )  # fmt: skip
+    if d.packing and "segment_ids" not in inspect.signature(type(base).__call__).parameters:
+        raise ValueError(f"--packing: {type(base).__name__} takes no segment_ids (packed examples)")
     lora = init_lora(jax.random.key(loop.seed), params, config.lora)
     schedule = None
     if optimizer is None:
-        warmup_steps = config.schedule.warmup_steps
-        assert warmup_steps is not None  # resolved above
-        schedule = make_schedule(config.optim.lr, warmup_steps)
-        optimizer = make_optimizer(schedule, max_grad_norm=config.optim.max_grad_norm)
+        schedule, optimizer = make_recipe(config, steps)
     optimizer = _accumulate_and_place(optimizer, config)
     state = init_train_state(lora, optimizer)
     if device_mesh is not None:
@@ -235,8 +241,28 @@ def prepare_run(
         start_step=0,
         record=RunRecord(),
         log=log,
+        loggers=make_loggers(out.report_to.split(","), out.dir, config.to_dict()),
     )
     return _resume(run, latest) if latest else _start(run)
+
+
+def make_recipe(
+    config: FinetuneConfig, steps: int
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule and the optimizer of ``config`` (resolved) for ``steps``."""
+    o, s = config.optim, config.schedule
+    assert s.warmup_steps is not None  # resolved
+    schedule = make_schedule(s.lr_scheduler, o.lr, steps, s.warmup_steps, s.min_lr_ratio)
+    optimizer = make_optimizer(
+        schedule,
+        name=o.optimizer,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        b1=o.adam_beta1,
+        b2=o.adam_beta2,
+        eps=o.adam_epsilon,
+    )
+    return schedule, optimizer
 
 
 def _make_mesh(config: FinetuneConfig, log):
@@ -313,6 +339,7 @@ def _start(run: Run) -> Run:
         # B = 0 at init: the adapted model is the base model, and the program is the one
         # the sample after training reuses (one compilation instead of two).
         record.sample_before = run.sample_answer(lora)
+    run.loggers.log(0, {"eval_loss": record.eval_loss_before})
     run.log(f"eval loss before: {report_lib.format_loss(record.eval_loss_before)}")
     return run
 

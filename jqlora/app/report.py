@@ -47,8 +47,9 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss(metrics: list[dict], path: str) -> str:
-    """Training loss per step and eval loss where measured, as a PNG."""
+def plot_loss(metrics: list[dict], path: str, eval_loss_before: float | None = None) -> str:
+    """Training loss per step and eval loss where measured (``eval_loss_before``: at step
+    0, before training), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,6 +57,8 @@ def plot_loss(metrics: list[dict], path: str) -> str:
 
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if eval_loss_before is not None:
+        evals.insert(0, (0, eval_loss_before))
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     if train:
         ax.plot(*zip(*train, strict=True), lw=1, label="train loss")
@@ -83,6 +86,7 @@ def format_report(result) -> str:
         f"- data: {result.data} ({result.n_train} train / {result.n_eval} held-out examples)",
         f"- steps: {result.steps} (batch {result.batch_size} x grad-accum {result.grad_accum}, seq <= {result.seq_len})",
         f"- eval loss: {format_loss(result.eval_loss_before)} before -> {format_loss(result.eval_loss_after)} after",
+        *([f"- recipe: {describe_recipe(result.config)}"] if result.config is not None else []),
         f"- throughput: {result.tokens_per_s:.0f} tokens/s (steps without compilation)",
         f"- train time: {result.train_time_s:.0f} s",
     ]
@@ -106,6 +110,21 @@ def format_report(result) -> str:
             _quote(result.sample_after),
         ]
     return "\n".join(lines) + "\n"
+
+
+def describe_recipe(config) -> str:
+    """The recipe in a line, for the report: optimizer, schedule, clipping, packing."""
+    o, s = config.optim, config.schedule
+    schedule = f"{s.lr_scheduler}, warm-up {s.warmup_steps} steps" + (
+        f", min lr ratio {s.min_lr_ratio:g}" if s.lr_scheduler == "cosine_with_min_lr" else ""
+    )
+    clip = f"max grad norm {o.max_grad_norm:g}" if o.max_grad_norm else "no clipping"
+    return (
+        f"{o.optimizer} (lr {o.lr:g}, weight decay {o.weight_decay:g}, betas "
+        f"{o.adam_beta1:g}/{o.adam_beta2:g}, eps {o.adam_epsilon:g}, {clip}"
+        + (", state in host memory" if o.offload else "")
+        + f"); schedule {schedule}; packing {'on' if config.data.packing else 'off'}"
+    )
 
 
 def format_loss(x: float | None) -> str:

@@ -14,7 +14,7 @@ import yaml
 from jqlora.app import config as config_lib
 from jqlora.app.config import DEFAULT_MODEL, DEFAULT_STEPS, FinetuneConfig
 from jqlora.train import checkpoint as ckpt
-from jqlora.train import data as data_lib
+from jqlora.train.schedules import warmup_steps
 
 
 def default_data_path() -> str:
@@ -34,7 +34,7 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def total_steps(loop: config_lib.LoopConfig, stream: data_lib.BatchStream) -> int:
+def total_steps(loop: config_lib.LoopConfig, stream) -> int:
     """``loop.steps``, or ``loop.epochs`` over the training set in updates, or DEFAULT_STEPS."""
     if loop.steps is not None:
         steps = loop.steps
@@ -49,16 +49,18 @@ def total_steps(loop: config_lib.LoopConfig, stream: data_lib.BatchStream) -> in
 
 
 def resolve(config: FinetuneConfig, data: str, steps: int, compute_dtype) -> FinetuneConfig:
-    """``config`` with what its defaults stand for written out: the data file's absolute
-    path, the compute dtype, the warm-up (3 % of ``steps``, at least 1): the settings
-    config.yaml records, with which ``--config`` repeats the run."""
-    warmup = config.schedule.warmup_steps
+    """``config`` with what its defaults stand for written out: the data files' absolute
+    paths, the compute dtype, the warm-up in steps (``--warmup-ratio``, default 3 %, of
+    ``steps``, rounded up as transformers does): the settings config.yaml records, with
+    which ``--config`` repeats the run."""
+    s, d = config.schedule, config.data
+    eval_data = None if d.eval_data is None else os.path.abspath(d.eval_data)
     return dataclasses.replace(
         config,
-        data=dataclasses.replace(config.data, path=os.path.abspath(data)),
+        data=dataclasses.replace(d, path=os.path.abspath(data), eval_data=eval_data),
         model=dataclasses.replace(config.model, compute_dtype=compute_dtype.name),
         schedule=dataclasses.replace(
-            config.schedule, warmup_steps=max(1, round(0.03 * steps)) if warmup is None else warmup
+            s, warmup_steps=warmup_steps(steps, s.warmup_steps, s.warmup_ratio), warmup_ratio=None
         ),
     )
 

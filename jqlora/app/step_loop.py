@@ -28,6 +28,7 @@ class _Update(NamedTuple):
     loss: float  # mean over the micro-batches
     grad_norm: jax.Array  # of the last micro-batch
     tokens: int  # attended tokens in all
+    targets: int  # tokens the loss counted
     compiled: bool  # a micro-batch had a shape not seen before: the step compiled first
     skipped: jax.Array  # non-finite: the state is still that of the step before
     micro_skipped: list[jax.Array]  # per micro-batch: it or one before it was non-finite
@@ -64,7 +65,7 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
             done = step + 1
             state, line = _settle(run, update, done)
             # The schedule at this step (each skipped update before it delays the optimizer's).
-            line.update(tokens_per_s=update.tokens / dt)
+            line.update(tokens=update.targets, tokens_per_s=update.tokens / dt)
             if run.schedule is not None:
                 line.update(lr=float(run.schedule(step)))
             streak = record.nonfinite_streak
@@ -85,6 +86,7 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
                 last_eval = run.eval_loss(state.lora)
                 line["eval_loss"] = last_eval
             _write_line(metrics_file, line)
+            run.loggers.log(done, line)
             bar.update(1)
             bar.set_postfix(
                 {
@@ -109,7 +111,7 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
 def _run_update(run: Run, state: TrainState, step: int, shapes_seen: set, bar) -> _Update:
     """The ``grad_accum`` micro-batches of update ``step``; waits for them."""
     grad_accum = run.config.loop.grad_accum
-    tokens, compiled, micro_losses = 0, False, []
+    tokens, compiled, micro_losses, targets = 0, False, [], []
     skipped, micro_skipped = jnp.zeros((), jnp.bool_), []
     for j in range(grad_accum):
         micro = step * grad_accum + j
@@ -129,12 +131,14 @@ def _run_update(run: Run, state: TrainState, step: int, shapes_seen: set, bar) -
         skipped = m["skipped"]
         micro_skipped.append(skipped)
         micro_losses.append(m["loss"])
+        targets.append(m["tokens"])
     loss = float(np.mean([float(x) for x in micro_losses]))  # waits for the step
     return _Update(
         state=state,
         loss=loss,
         grad_norm=m["grad_norm"],
         tokens=tokens,
+        targets=int(sum(float(t) for t in targets)),
         compiled=compiled,
         skipped=skipped,
         micro_skipped=micro_skipped,

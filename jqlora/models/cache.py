@@ -57,9 +57,12 @@ def attention_mask(
     padding_mask: jax.Array | None,
     cache: KVCache | None,
     sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(mask [b, s, t], valid [b, t])``: query ``i`` may see key ``j`` iff ``j <= i``, key ``j``
-    is valid (not padding) and, with a window ``w``, ``j > i - w``.
+    is valid (not padding), with a window ``w``, ``j > i - w``, and with ``segment_ids``
+    (``[b, s]``, packed examples: ``jqlora.train.packing``), both lie in one segment: a
+    block-diagonal causal mask, so no example attends to another.
 
     Without a cache the keys are this call's ``s`` tokens; with one they are the cache's
     ``max_len`` slots after this call's tokens are written at ``cache.index``.
@@ -76,7 +79,12 @@ def attention_mask(
     allowed = k_slot <= q_slot
     if sliding_window is not None:
         allowed = allowed & (k_slot > q_slot - sliding_window)
-    return allowed[None] & valid[:, None, :], valid
+    mask = allowed[None] & valid[:, None, :]
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids (packed examples) are for training, without a cache")
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask, valid
 
 
 def write_cache(

@@ -181,14 +181,16 @@ class DecoderModel(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, ids, attention_mask, positions, cache):
+    def __call__(self, ids, attention_mask, positions, cache, segment_ids=None):
         c = self.config
         b, s = ids.shape
         if positions is None:
             positions = kv_cache.default_positions(b, s, cache)
         masks, valid = [], None
         for window in c.windows:
-            mask, valid = kv_cache.attention_mask(b, s, attention_mask, cache, window)
+            mask, valid = kv_cache.attention_mask(
+                b, s, attention_mask, cache, window, segment_ids
+            )
             masks.append(mask)
         # Once per call, shared by every layer (see rope.rope_tables).
         tables = tuple(

@@ -33,7 +33,9 @@ def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
 
 class CausalLM(nn.Module):
     """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
-    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given).
+    cache=None, segment_ids=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is
+    given). ``segment_ids`` ``[b, s]`` marks packed examples (``cache.attention_mask``); only
+    backbones that take it (the decoder families, not GPT-2 or OPT) accept it.
 
     ``hidden_only=True`` returns the hidden states the head would read instead, so that a
     loss can apply the head itself (``jqlora.train.head_loss``) with the weight at
@@ -54,12 +56,19 @@ class CausalLM(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        hidden_only=False,
+        segment_ids=None,
     ):
         backbone = self.BACKBONE(  # type: ignore[call-arg]
             self.config, self.dtype, self.remat, self.scan_layers, name=self.BACKBONE_NAME
         )
-        h, new_cache = backbone(input_ids, attention_mask, positions, cache)
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
+        h, new_cache = backbone(input_ids, attention_mask, positions, cache, **packed)
         if hidden_only:
             return h
         logits = self._head_logits(h)

@@ -53,7 +53,8 @@ class QuantizedMoment(NamedTuple):
 
 
 class ScaleByAdam8bitState(NamedTuple):
-    count: jax.Array  # int32: updates applied
+    # Shadows tuple.count on purpose: optax names its step counters so.
+    count: jax.Array  # type: ignore[assignment]  # int32: updates applied
     mu: optax.Updates  # QuantizedMoment (or float32 array, small leaves) per leaf
     nu: optax.Updates
 

@@ -185,11 +185,13 @@ def loss_fn(
     variables = {"params": params, "lora": lora}
     rngs = {"dropout": rng} if rng is not None else {}
     ids, mask = batch["input_ids"], batch.get("attention_mask")
+    # Packed batches (train/packing.py) carry each example's positions and segment ids.
+    packed = {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
     head = _plain_head_weight(model, params, lora)
     if head is None:
-        logits = model.apply(variables, ids, attention_mask=mask, rngs=rngs)
+        logits = model.apply(variables, ids, attention_mask=mask, rngs=rngs, **packed)
         return next_token_loss(logits, batch)
-    hidden = model.apply(variables, ids, attention_mask=mask, rngs=rngs, hidden_only=True)
+    hidden = model.apply(variables, ids, attention_mask=mask, rngs=rngs, hidden_only=True, **packed)
     targets, weights = _shifted_targets(batch)
     tokens = jnp.sum(weights)
     return fused_next_token_loss(hidden, head, targets, weights), {"tokens": tokens}
