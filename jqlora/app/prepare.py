@@ -201,7 +201,8 @@ def prepare_run(
         path, quantization=q, dtype=jnp.float32, progress=None if out.progress else False,
         place=place,
     )  # fmt: skip
-    if d.packing and "segment_ids" not in inspect.signature(type(base).__call__).parameters:
+    backbone = type(base).BACKBONE
+    if d.packing and "segment_ids" not in inspect.signature(backbone.__call__).parameters:
         raise ValueError(f"--packing: {type(base).__name__} takes no segment_ids (packed examples)")
     lora = init_lora(jax.random.key(loop.seed), params, config.lora)
     schedule = None
