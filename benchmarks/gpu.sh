@@ -31,7 +31,8 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, its li
     local name=$1 limit=$(($2 * scale)) start=$SECONDS rc
     shift 2
     echo "== $name (limit ${limit} s): $*"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep --line-buffered -E '^(\||tune|correctness|[0-9]+ (passed|failed)|FAILED|=+ .*(passed|failed))'
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep --line-buffered -E \
+        '^(\||\{|tune|correctness|forward|backward|FAILED|.*(passed|failed|timed out))'
     rc=${PIPESTATUS[0]}
     echo "   rc=$rc ($([ "$rc" = 124 ] && echo 'timed out' || echo done)) after $((SECONDS - start)) s"
 }

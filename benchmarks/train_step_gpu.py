@@ -156,7 +156,7 @@ def run_jqlora(
         times=times,
         loss=loss,
         peak_bytes=stats.get("peak_bytes_in_use"),
-        dot_rate=bf16_dot_rate(),
+        dot_rate=bf16_dot_rate(8192 if jax.default_backend() == "gpu" else 1024),
         device=jax.devices()[0].device_kind,
         software=f"jax {jax.__version__}",
     )

@@ -88,6 +88,14 @@ def _load_rows(ref, c0, *, pm: int, m: int, width: int, limit: int, ragged: bool
     return _masked_load(ref.at[pl.ds(0, pm), pl.ds(c0, width)], mask).astype(jnp.float32)
 
 
+def _store_rows(ref, split, c0, value, *, m: int, limit: int):
+    """``ref[split, :m, c0 : c0 + width] = value[:m]``, nothing past ``limit`` columns."""
+    pm, width = value.shape
+    cols = c0 + jnp.arange(width)
+    mask = (jnp.arange(pm) < m)[:, None] & (cols < limit)[None, :]
+    plgpu.store(ref.at[split, pl.ds(0, pm), pl.ds(c0, width)], value, mask=mask)
+
+
 def _forward_kernel(x_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps, pm, ragged):
     *scale_refs, out_ref = refs
     bn, bk = tiles.bn, tiles.bk
@@ -106,12 +114,7 @@ def _forward_kernel(x_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps
         return acc + (block_sums * scale[None]).sum(axis=2)
 
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((pm, bn), jnp.float32))
-    cols = n0 + jnp.arange(bn)
-    plgpu.store(
-        out_ref.at[split, pl.ds(0, pm), pl.ds(n0, bn)],
-        acc,
-        mask=(jnp.arange(pm) < m)[:, None] & (cols < n)[None, :],
-    )
+    _store_rows(out_ref, split, n0, acc, m=m, limit=n)
 
 
 def _backward_kernel(dy_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, steps, pm, ragged):
@@ -138,12 +141,7 @@ def _backward_kernel(dy_ref, codes_ref, book_ref, *refs, m, n, k, bs, tiles, ste
     zeros = jnp.zeros((pm, bk // 2), jnp.float32)
     acc_even, acc_odd = jax.lax.fori_loop(0, steps, step, (zeros, zeros))
     dx = jnp.stack([acc_even, acc_odd], axis=-1).reshape(pm, bk)
-    cols = k0 + jnp.arange(bk)
-    plgpu.store(
-        out_ref.at[split, pl.ds(0, pm), pl.ds(k0, bk)],
-        dx,
-        mask=(jnp.arange(pm) < m)[:, None] & (cols < k)[None, :],
-    )
+    _store_rows(out_ref, split, k0, dx, m=m, limit=k)
 
 
 def _check(tiles: GemvTiles, blocksize: int) -> None:
