@@ -235,7 +235,8 @@ def tune(ms, shapes, reps: int, interpret: bool) -> None:
                 winner = min(best[(direction, m)].items(), key=lambda kv: kv[1])
                 print(f"tune {direction} {model} {proj} M={m}: so far best {winner[0]}", flush=True)
         del weights
-    print(f"# gpu_tiles.TABLES[{gpu_tiles.gpu_name()!r}], from benchmarks/qmatmul.py --tune:")
+    print(f"# gpu_tiles.TABLES[{gpu_tiles.gpu_name()!r}], from benchmarks/qmatmul.py --tune")
+    print(f"# (and add {gpu_tiles.gpu_name()!r} to gpu_tiles.TUNED once it beats the XLA path):")
     print("{")
     for direction in ("fwd", "bwd"):
         winners = {m: min(best[(direction, m)].items(), key=lambda kv: kv[1])[0] for m in ms}

@@ -117,19 +117,26 @@ def test_dispatch(monkeypatch):
     "platform,auto,pallas,chunk",
     [
         ("cpu", "xla", "pallas_gpu", xla.CHUNK_ELEMENTS),
-        ("gpu", "pallas_gpu", "pallas_gpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
+        ("gpu", "xla", "pallas_gpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
         ("tpu", "pallas_tpu", "pallas_tpu", xla.ACCELERATOR_CHUNK_ELEMENTS),
     ],
 )
 def test_automatic_backend_and_chunk_follow_the_platform(
     monkeypatch, platform, auto, pallas, chunk
 ):
-    """GPUs take their Pallas kernels (routed by M, gpu_tiles), CPUs the XLA path; chunks of a
-    dequantized weight hold a whole Llama-2-7B projection on an accelerator."""
+    """CPUs and GPUs whose kernel table was not tuned on them take the XLA path, a tuned GPU
+    its Pallas kernels (routed by M, gpu_tiles); chunks of a dequantized weight hold a whole
+    Llama-2-7B projection on an accelerator."""
+    from jqlora.kernels import gpu_tiles
+
     monkeypatch.delenv("JQLORA_QMATMUL", raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("D", (), {"device_kind": "NVIDIA H100"})])
     qt = weight(8, 128)
     assert (resolve_backend(qt), resolve_backend(qt, "pallas")) == (auto, pallas)
+    monkeypatch.setattr(gpu_tiles, "TUNED", frozenset({"H100"}))
+    tuned_auto = "pallas_gpu" if platform == "gpu" else auto
+    assert resolve_backend(qt) == tuned_auto
     assert xla.chunk_elements() == chunk
     assert xla._chunk_rows(4096, 4096, 64) == (4096 if platform != "cpu" else 256)
 

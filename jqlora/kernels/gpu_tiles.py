@@ -61,6 +61,18 @@ TABLES: dict[str, dict[str, tuple[Route, ...]]] = {
 }
 
 
+#: GPUs whose rows came from ``--tune`` on that card. Until a GPU is listed here its
+#: automatic back end is the XLA path: the Pallas kernels are exact in interpret mode and
+#: lower for CUDA, but have not yet been compiled and timed on a GPU (benchmarks/RESULTS.md);
+#: ``JQLORA_QMATMUL=pallas`` opts in meanwhile.
+TUNED: frozenset[str] = frozenset()
+
+
+def tuned(device_kind: str | None = None) -> bool:
+    """Whether this GPU's table was measured on it (``--tune``), so its kernels are the default."""
+    return gpu_name(device_kind) in TUNED
+
+
 def gpu_name(device_kind: str | None = None) -> str:
     """The `TABLES` key for a device kind (``jax.devices()[0].device_kind`` by default)."""
     if device_kind is None:

@@ -4,10 +4,11 @@
 
 For a `QuantizedTensor` ``W`` the product runs under one ``jax.custom_vjp``: the forward
 ``x @ W.T`` and the backward ``dx = dy @ dequantize(W)``; the frozen weight gets no
-gradient. The back end is chosen here, never by callers: the Pallas kernel on TPU; on GPU
-the Pallas kernels that `gpu_tiles.TABLES` routes M (the activation's rows) and the
-direction to (a GEMV kernel for small M, a dequantize kernel before XLA's ``dot`` for
-training-sized M); the XLA path (dequantize a chunk, then ``dot``) on CPU.
+gradient. The back end is chosen here, never by callers: the Pallas kernel on TPU; on a
+GPU whose table was tuned on it (`gpu_tiles.TUNED`) the Pallas kernels that
+`gpu_tiles.TABLES` routes M (the activation's rows) and the direction to (a GEMV kernel for
+small M, a dequantize kernel before XLA's ``dot`` for training-sized M); the XLA path
+(dequantize a chunk, then ``dot``) on CPU and on GPUs not yet tuned.
 ``JQLORA_QMATMUL=xla|pallas`` (or ``backend=``) forces one.
 """
 
@@ -32,7 +33,7 @@ def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
     """The back end that will run ``x @ W.T``: "xla", "pallas_gpu" or "pallas_tpu".
 
     ``backend`` (else ``$JQLORA_QMATMUL``, else automatic: "pallas_tpu" on TPU,
-    "pallas_gpu" on GPU, "xla" on CPU) may name one; "pallas" means the Pallas kernels of
+    "pallas_gpu" on a GPU in `gpu_tiles.TUNED`, "xla" on CPU and other GPUs) may name one; "pallas" means the Pallas kernels of
     the platform (the GPU kernels, interpreted, on a CPU). The kernels need whole blocks within each row
     (``in_features % blocksize == 0``); other weights always take the XLA path.
     """
@@ -43,12 +44,20 @@ def resolve_backend(w: QuantizedTensor, backend: str | None = None) -> str:
         )
     where = platform()
     if choice is None:
-        choice = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(where, "xla")
+        choice = {"tpu": "pallas_tpu", "gpu": "pallas_gpu" if _gpu_tuned() else "xla"}.get(
+            where, "xla"
+        )
     elif choice == "pallas":
         choice = "pallas_tpu" if where == "tpu" else "pallas_gpu"
     if choice != "xla" and not kernel_supports(w):
         return "xla"
     return choice
+
+
+def _gpu_tuned() -> bool:
+    from jqlora.kernels import gpu_tiles  # lazily, as in _kernels
+
+    return gpu_tiles.tuned()
 
 
 def kernel_supports(w: QuantizedTensor) -> bool:
