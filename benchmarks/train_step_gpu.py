@@ -10,9 +10,10 @@ step's time and memory do not depend on the weights' values):
 
 Rows (each in its own process, so the peak memory is its own):
 
-- ``jqlora``: the automatic back end (on a GPU, the Pallas kernels `qmatmul` routes M to);
+- ``jqlora``: the Pallas kernels `qmatmul` routes M to (``JQLORA_QMATMUL=pallas``: a GPU
+  not yet in ``gpu_tiles.TUNED`` takes the XLA path unasked);
 - ``jqlora-xla``: the same step with ``JQLORA_QMATMUL=xla`` (XLA dequantizes, then ``dot``);
-- ``jqlora-scan``: the same step with ``scan_layers=True`` (one compiled decoder layer);
+- ``jqlora-scan``: the ``jqlora`` row with ``scan_layers=True`` (one compiled decoder layer);
 - ``peft-lora``: PyTorch + PEFT LoRA on the bfloat16 model, not quantized (bitsandbytes is
   not installed on the GPU machine), eager, SDPA attention.
 
@@ -251,8 +252,7 @@ def lower_report(shape: str, batch: int, seq: int) -> None:
 
 
 def worker(row: str, shape: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    if row == "jqlora-xla":
-        os.environ["JQLORA_QMATMUL"] = "xla"
+    os.environ["JQLORA_QMATMUL"] = "xla" if row == "jqlora-xla" else "pallas"
     if row == "peft-lora":
         out = run_peft(shape, batch, seq, steps, warmup)
     else:
