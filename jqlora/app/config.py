@@ -9,7 +9,14 @@ those come
 * ``OUT/config.yaml``, the run's settings resolved, written by every run, and
 * the check of ``--resume`` against that file, which names every key that differs.
 
-Adding an option is one field with its `Option`, plus its use. The sections mirror the
+Adding an option is one field with its `Option`, plus its use; e.g. in `OptimConfig`::
+
+    weight_decay: float = option(
+        0.0, "weight_decay", "AdamW's decoupled weight decay", parse=argtypes.non_negative_float
+    )
+
+gives ``--weight-decay``, the key ``weight_decay`` in config files and config.yaml, and a
+resume check of it (``resumable=True`` would let a resumed run change it). The sections mirror the
 library: ``lora`` is a `jqlora.lora.LoraConfig` and ``quant`` a `jqlora.hf.QuantConfig`
 (or None: a float base); their flags are declared in `LIBRARY_OPTIONS`, beside the
 sections, since the library's classes know nothing of the command line.
