@@ -28,6 +28,8 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 def jqlora_runner(path, quantization, batch_ids, new_tokens):
     import jqlora
+
+    jqlora.runtime.tune_cpu()  # as the jqlora command does (a no-op off the CPU)
     from jqlora.generation import generate
 
     model, params = jqlora.load_hf(path, quantization)

@@ -59,6 +59,8 @@ def run_one(
     import jax.numpy as jnp
 
     import jqlora
+
+    jqlora.runtime.tune_cpu()  # as the jqlora command does (a no-op off the CPU)
     from jqlora.models import model_for_config
 
     cfg = dict(

@@ -54,6 +54,8 @@ def jqlora_ppl(gguf: Path, mode: str, batches: np.ndarray) -> float:
 
     import jqlora
 
+    jqlora.runtime.tune_cpu()  # as the jqlora command does (a no-op off the CPU)
+
     quant = MODES[mode]
     q = None if quant is None else jqlora.QuantConfig(quant[0], 64, quant[1])
     model, params = jqlora.load_hf(gguf, quantization=q, progress=False)

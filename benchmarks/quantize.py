@@ -36,6 +36,8 @@ def main() -> None:
 
     import jqlora
 
+    jqlora.runtime.tune_cpu()  # as the jqlora command does (a no-op off the CPU)
+
     w = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).to(
         torch.bfloat16
     )

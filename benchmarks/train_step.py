@@ -131,6 +131,8 @@ def run_jqlora(
     import jax.numpy as jnp
 
     import jqlora
+
+    jqlora.runtime.tune_cpu()  # as the jqlora command does (a no-op off the CPU)
     from jqlora.lora.targets import linear_modules
     from jqlora.train.step import configure_model
 

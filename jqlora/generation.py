@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.lora.multi import map_rows
+from jqlora.lora.multi import apply_per_row_adapters
 
 __all__ = ["SamplingConfig", "generate", "stream_generate"]
 
@@ -101,7 +101,7 @@ def _forward(model, params, lora, adapter_ids, ids, mask, positions, cache):
 
     if adapter_ids is None:
         return run(lora, ids, mask, positions, cache)
-    return map_rows(run, lora, adapter_ids, ids, mask, positions, cache)
+    return apply_per_row_adapters(run, lora, adapter_ids, ids, mask, positions, cache)
 
 
 class _State(NamedTuple):

@@ -6,7 +6,8 @@ batch 4 x 256. glibc serves requests above 32 MiB with ``mmap`` and gives them b
 ``munmap``, so at every step the kernel maps that buffer again and zeroes it page by page:
 477,000 page faults per step measured on a 2-core CPU, 14-19 % of the step's wall time.
 
-`configure` (run at ``import jqlora``) asks glibc, through ``mallopt``, to
+`configure` (called by ``jqlora.runtime.tune_cpu()``, which the `jqlora` command runs at its
+start on a CPU host; never at import) asks glibc, through ``mallopt``, to
 
 * serve every thread from the one main heap (``M_ARENA_MAX = 1``: a thread's own arena
   would still ``mmap`` what does not fit its 64 MiB heap),
@@ -34,8 +35,8 @@ What the settings cost:
 * every thread takes the one heap's lock for its allocations, and XLA's compiler, which
   allocates much from several threads, compiles ~25 % slower (the tiny config's train
   step: 11-12 s against 9-10 s). A training run compiles a few programs and runs each for
-  many steps; a session of many short compiles may be better off opting out (the test
-  suite does);
+  many steps; a session of many short compiles may be better off without it (the test
+  suite opts out);
 * memory freed after the process's peak stays with the process until it exits; and
 * dispatch on the CPU is synchronous (above).
 

@@ -50,7 +50,9 @@ def tune_cpu() -> dict[str, bool]:
       JAX's CPU dispatch runs inline (opt out: ``JQLORA_HOST_MALLOC=system``).
 
     Both must precede JAX's back end; after it has started they change nothing (and say
-    so, False). Call it on a CPU host only (`is_cpu_host`): on a GPU or TPU host the heap
-    settings would slow XLA's compiler and buy nothing.
+    so, False). On a host whose JAX runs elsewhere than the CPU (`is_cpu_host`) it does
+    nothing: there the heap settings would slow XLA's compiler and buy nothing.
     """
+    if not is_cpu_host():
+        return {"xla_flags": False, "host_malloc": False}
     return {"xla_flags": xla_flags.configure(), "host_malloc": host_malloc.configure()}

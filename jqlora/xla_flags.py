@@ -1,5 +1,5 @@
-"""An XLA flag for JAX's CPU back end that jqlora adds at ``import jqlora`` when asked
-(``JQLORA_XLA_FLAGS=1``).
+"""An XLA flag for JAX's CPU back end that ``jqlora.runtime.tune_cpu()`` (run by the
+`jqlora` command at its start) adds when asked (``JQLORA_XLA_FLAGS=1``).
 
 ``--xla_cpu_experimental_ynn_fusion_type=+eltwise`` lets XLA hand chains of elementwise
 operations (dtype converts, the gated activation, the softmax passes of the head loss) to
@@ -20,7 +20,7 @@ layout in YNN fusion"); it also grows XLA's temporary buffers (SmolLM2 step: 1.8
 GB). A default must not crash a program that runs without it.
 
 The flag is read when JAX starts its CPU back end (the first computation), so with
-``JQLORA_XLA_FLAGS=1`` it is added to ``XLA_FLAGS`` at import unless
+``JQLORA_XLA_FLAGS=1`` it is added to ``XLA_FLAGS`` by that call unless
 
 * ``XLA_FLAGS`` already names ``xla_cpu_experimental_ynn_fusion_type`` (yours wins), or
 * the back end has already started, in which case the process keeps what it has (child

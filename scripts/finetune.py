@@ -38,6 +38,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     args = p.parse_args()
+    jqlora.runtime.tune_cpu()  # before the first computation, as `jqlora finetune` does
     model_path = args.model or str(smollm2_gguf_path(fetch=True))
 
     # 1. Data: tokenize with the model's own tokenizer, hold out 10 %, batch by index.

@@ -13,10 +13,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # AMX). Subprocesses inherit it. `tests/test_train_step.py` tests the automatic choice.
 os.environ.setdefault("JQLORA_COMPUTE_DTYPE", "float32")
 
-# The suite is bound by XLA's compiler, which the heap settings of `import jqlora` slow by
-# ~25 % (one malloc arena for the compiler's threads; jqlora/host_malloc.py): the tests
-# run with glibc's defaults, and tests/test_host_malloc.py checks the settings themselves
-# in fresh processes.
+# The suite is bound by XLA's compiler, which the heap settings that the `jqlora` command
+# makes at its start (`jqlora.runtime.tune_cpu()`) slow by ~25 % (one malloc arena for the
+# compiler's threads; jqlora/host_malloc.py): the commands the tests run keep glibc's
+# defaults, and tests/test_host_malloc.py checks the settings themselves in fresh processes.
 os.environ.setdefault("JQLORA_HOST_MALLOC", "system")
 
 # The files that take minutes go first. xdist hands whole files to its two workers in

@@ -85,8 +85,8 @@ def train(
     offload: bool = False,
     start=None,
 ):
-    """``(losses, state)`` after ``steps`` steps; on ``mesh`` when given (via ``jqlora.shard``,
-    or ``jqlora.shard_train_state`` with ``whole_state``).
+    """``(losses, state)`` after ``steps`` steps; on ``mesh`` when given (via ``jqlora.sharding.shard``,
+    or ``jqlora.sharding.shard_train_state`` with ``whole_state``).
 
     ``batch`` overrides the setup's batch (a process's rows in a multi-process run);
     ``offload`` keeps the optimizer state in host memory (``jqlora.offload``);

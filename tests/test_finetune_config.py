@@ -16,6 +16,7 @@ import yaml
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 
 from jqlora.app import config as config_lib
+from jqlora.app import config_io
 from jqlora.app.cli import build_parser, main
 from jqlora.app.config import OPTIONS, FinetuneConfig
 from jqlora.hf import QuantConfig
@@ -23,7 +24,7 @@ from jqlora.lora import LoraConfig
 
 
 def parse(*argv) -> FinetuneConfig:
-    return config_lib.from_args(build_parser().parse_args(["finetune", *argv]))
+    return config_io.from_args(build_parser().parse_args(["finetune", *argv]))
 
 
 def finetune_parser() -> argparse.ArgumentParser:
@@ -122,11 +123,11 @@ def test_a_config_round_trips_through_its_dict():
 def test_resume_differences_name_each_key_and_skip_the_resumable_ones():
     saved = FinetuneConfig().to_dict()
     now = FinetuneConfig().replace(lr=1e-3, lora_r=4, steps=99, out="elsewhere", resume=True)
-    assert config_lib.differences(saved, now) == {"lr": (2e-4, 1e-3), "lora_r": (16, 4)}
+    assert config_io.differences(saved, now) == {"lr": (2e-4, 1e-3), "lora_r": (16, 4)}
     # A key the saved file lacks (an option newer than the run) counts as its default.
     del saved["scan_layers"]
-    assert "scan_layers" not in config_lib.differences(saved, FinetuneConfig())
-    assert "scan_layers" in config_lib.differences(saved, now.replace(scan_layers=True))
+    assert "scan_layers" not in config_io.differences(saved, FinetuneConfig())
+    assert "scan_layers" in config_io.differences(saved, now.replace(scan_layers=True))
     resumable = {k for k, r in OPTIONS.items() if r.option.resumable}
     assert {"steps", "epochs", "out", "resume", "eval_every", "save_every"} <= resumable
 

@@ -19,7 +19,7 @@ from jqlora.generation import (
     stream_generate,
 )
 from jqlora.hf.peft import load_peft_adapter
-from jqlora.lora.multi import map_rows, stack_adapters
+from jqlora.lora.multi import apply_per_row_adapters, stack_adapters
 
 FAMILIES = ("llama", "opt", "gpt2")
 EOS, PAD = 2, 0
@@ -192,7 +192,9 @@ def test_stacked_adapters_equal_each_adapter_alone(bases):
     ids = jnp.asarray([1, 0, 1])
     apply = lambda lora, x: model.apply({"params": params, "lora": lora}, x)
     mixed = np.asarray(
-        jax.jit(lambda s, i, x: map_rows(apply, s, i, x))(stacked, ids, jnp.asarray(PROMPTS))
+        jax.jit(lambda s, i, x: apply_per_row_adapters(apply, s, i, x))(
+            stacked, ids, jnp.asarray(PROMPTS)
+        )
     )
     for row, k in enumerate(ids.tolist()):
         np.testing.assert_allclose(

@@ -215,7 +215,7 @@ def test_rank_above_a_layer_dimension():
 
 
 def test_pissa_and_loftq_need_the_residual_function():
-    with pytest.raises(ValueError, match="init_lora_and_residual"):
+    with pytest.raises(ValueError, match="init_lora_from_base"):
         init_lora(jax.random.key(0), _params(), LoraConfig(init="pissa"))
 
 

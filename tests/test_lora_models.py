@@ -17,7 +17,7 @@ from hf_reference import make_tiny
 from test_lora_peft import lora_from_peft
 
 import jqlora
-from jqlora.lora import LoraConfig, init_lora, init_lora_and_residual, merge_lora
+from jqlora.lora import LoraConfig, init_lora, init_lora_from_base, merge_lora
 
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 7))
 
@@ -77,7 +77,7 @@ def test_attention_only_on_llama(tiny):
 def test_pissa_llama_matches_peft_and_starts_at_the_float_model(tiny):
     d, model, params = tiny("llama")
     ref = _peft(d, target_modules="all-linear", init_lora_weights="pissa")
-    new_params, lora = init_lora_and_residual(
+    new_params, lora = init_lora_from_base(
         jax.random.key(0), params, LoraConfig(r=4, alpha=8, init="pissa")
     )
     float_logits = jqlora_logits(model, params, IDS)
@@ -99,7 +99,7 @@ def test_qlora_residual_base_is_closer_to_the_float_model(tiny, init):
     float_logits = jqlora_logits(model, params, IDS)
     _, nf4 = jqlora.load_hf(d, quantization=quant)
     plain = np.abs(jqlora_logits(model, nf4, IDS) - float_logits).mean()
-    new_params, lora = init_lora_and_residual(
+    new_params, lora = init_lora_from_base(
         jax.random.key(0), params, LoraConfig(r=8, alpha=16, init=init), quantization=quant
     )
     leaves = jax.tree.leaves(new_params, is_leaf=lambda v: isinstance(v, jqlora.QuantizedTensor))

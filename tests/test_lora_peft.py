@@ -199,7 +199,7 @@ def test_forward_matches_peft(case):
     ref = peft_model(torch_model(), target_modules="all-linear", **kw)
     params = params_of(torch_model())
     lora = lora_from_peft(ref, None, dora=kw.get("use_dora", False))
-    jqlora.check_lora(params, lora)
+    jqlora.lora.check_lora(params, lora)
     x = x_input()
     np.testing.assert_allclose(run_flax(params, lora, x), run_torch(ref, x), atol=2e-5, rtol=1e-5)
     # the config gives the same shapes and scales as peft for every module

@@ -28,7 +28,7 @@ from test_lora_peft import (
 
 import jqlora
 from jqlora.hf import QuantConfig
-from jqlora.lora import LoraConfig, init_lora_and_residual, svd_lowrank
+from jqlora.lora import LoraConfig, init_lora_from_base, svd_lowrank
 from jqlora.lora.dora import float_weight
 
 
@@ -64,7 +64,7 @@ def test_pissa_matches_peft(use_dora):
     config = LoraConfig(
         r=4, alpha=8, target_modules=["q_proj", "down_proj"], init="pissa", use_dora=use_dora
     )
-    new_params, lora = init_lora_and_residual(jax.random.key(0), params, config)
+    new_params, lora = init_lora_from_base(jax.random.key(0), params, config)
     ref_lora = lora_from_peft(ref, None, dora=use_dora)
     for path in (("attn", "q_proj"), ("mlp", "down_proj")):
         e, r = lora[path[0]][path[1]], ref_lora[path[0]][path[1]]
@@ -109,7 +109,7 @@ def test_pissa_niter_is_close_to_peft_and_exact():
         init_lora_weights="pissa_niter_4",
     )
     params = params_of(decaying_model(decay=0.3))
-    new_params, lora = init_lora_and_residual(
+    new_params, lora = init_lora_from_base(
         jax.random.key(0),
         params,
         LoraConfig(r=4, alpha=4, target_modules=["up_proj"], init="pissa_niter_4"),
@@ -150,14 +150,14 @@ def test_loftq_matches_peft_formula(num_iter):
         r=8, alpha=8, init="loftq", loftq_iter=num_iter
     )  # scale 1: peft's convention
     quant = QuantConfig(double_quant=False)
-    new_params, lora = init_lora_and_residual(jax.random.key(0), params, config, quantization=quant)
+    new_params, lora = init_lora_from_base(jax.random.key(0), params, config, quantization=quant)
     q = new_params["mlp"]["up_proj"]["weight"]
     e = lora["mlp"]["up_proj"]
     np.testing.assert_array_equal(np.asarray(q.codes).ravel(), qweight.data.numpy().ravel())
     np.testing.assert_allclose(q.absmax, qweight.quant_state.absmax.numpy(), rtol=1e-6)
     assert_same_factors(e["a"], e["b"], r_ref.numpy(), l_ref.numpy(), atol=2e-5, rtol=1e-3)
     # with another alpha the singular values are divided by the scale: scale * B A is the same
-    _, lora4 = init_lora_and_residual(
+    _, lora4 = init_lora_from_base(
         jax.random.key(0),
         params,
         LoraConfig(r=8, alpha=32, init="loftq", loftq_iter=num_iter),
@@ -175,7 +175,7 @@ def test_loftq_and_quantized_pissa_beat_plain_quantization():
 
     def error(init, iters=1):
         config = LoraConfig(r=8, alpha=16, init=init, loftq_iter=iters, target_modules=["up_proj"])
-        new_params, lora = init_lora_and_residual(
+        new_params, lora = init_lora_from_base(
             jax.random.key(0), params, config, quantization=QuantConfig()
         )
         e = lora["mlp"]["up_proj"]
@@ -194,7 +194,7 @@ def test_loftq_and_quantized_pissa_beat_plain_quantization():
 def test_quantization_covers_the_rest_of_the_base():
     params = params_of(decaying_model())
     config = LoraConfig(r=4, init="pissa", target_modules=["q_proj"])
-    new_params, lora = init_lora_and_residual(
+    new_params, lora = init_lora_from_base(
         jax.random.key(0), params, config, quantization=QuantConfig(skip_modules=("mlp.down_proj",))
     )
     assert isinstance(
@@ -208,10 +208,10 @@ def test_quantization_covers_the_rest_of_the_base():
     )  # skipped
     assert new_params["attn"]["v_proj"]["bias"] is params["attn"]["v_proj"]["bias"]
     # a base already in 4 bits: PiSSA of its dequantized weight, residual re-quantized alike
-    qparams, _ = init_lora_and_residual(
+    qparams, _ = init_lora_from_base(
         jax.random.key(0), params, LoraConfig(), quantization=QuantConfig("fp4", 128)
     )
-    again, lora = init_lora_and_residual(jax.random.key(0), qparams, config)
+    again, lora = init_lora_from_base(jax.random.key(0), qparams, config)
     resid = again["attn"]["q_proj"]["weight"]
     assert (resid.quant_type, resid.blocksize, resid.double_quant) == ("fp4", 128, True)
     e = lora["attn"]["q_proj"]
@@ -226,11 +226,11 @@ def test_residual_bad_input():
     with pytest.raises(
         ValueError, match="LoftQ chooses the quantized base itself: pass quantization="
     ):
-        init_lora_and_residual(jax.random.key(0), params, LoraConfig(init="loftq"))
-    qparams, _ = init_lora_and_residual(
+        init_lora_from_base(jax.random.key(0), params, LoraConfig(init="loftq"))
+    qparams, _ = init_lora_from_base(
         jax.random.key(0), params, LoraConfig(), quantization=QuantConfig()
     )
     with pytest.raises(ValueError, match="LoftQ of 'attn.q_proj': the weight is already quantized"):
-        init_lora_and_residual(
+        init_lora_from_base(
             jax.random.key(0), qparams, LoraConfig(init="loftq"), quantization=QuantConfig()
         )

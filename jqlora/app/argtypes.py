@@ -84,6 +84,15 @@ def non_empty(value: str) -> str:
     return value
 
 
+def path(value) -> str:
+    """A file or directory path (text, or a ``pathlib.Path``)."""
+    import os
+
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return os.fspath(value)  # type: ignore[return-value]
+    raise BadValue(f"expected a path, got {value!r}")
+
+
 def boolean(value) -> bool:
     """true or false (a switch's value in a config file)."""
     if isinstance(value, bool):

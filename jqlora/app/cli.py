@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     # parsing start none, nor import JAX).
     from jqlora import runtime
 
-    if runtime.is_cpu_host():
-        runtime.tune_cpu()
+    runtime.tune_cpu()  # on a CPU host only
     try:
         return int(args.func(args) or 0)
     except InputError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from jqlora.app import config as config_lib
+from jqlora.app import config_io
 from jqlora.app.config import DEFAULT_MODEL, FinetuneConfig
 from jqlora.app.parsing import HelpFormatter, InputError
 
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
         help="a YAML or JSON file of options (keys as the flags' names, as in OUT/config.yaml); "
         "flags given on the command line replace its values",
     )
-    config_lib.add_flags(p)
+    config_io.add_flags(p)
     p.set_defaults(func=run)
 
 
@@ -60,7 +60,7 @@ def run(args) -> int:
     from jqlora.train.data import DataError
 
     try:
-        config = config_lib.from_args(args)
+        config = config_io.from_args(args)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(str(e)) from None
     out = config.output.dir

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from jqlora import sharding
-from jqlora.app import config as config_lib
+from jqlora.app import config_io
 from jqlora.app import report as report_lib
 from jqlora.app.config import FinetuneConfig
 from jqlora.app.loggers import Loggers, make_loggers
@@ -221,7 +221,7 @@ def prepare_run(
         skip_nonfinite=True,
     )
     os.makedirs(out.dir, exist_ok=True)
-    config_lib.write_file(config, os.path.join(out.dir, config_lib.CONFIG_FILE))
+    config_io.write_file(config, os.path.join(out.dir, config_io.CONFIG_FILE))
     run = Run(
         config=config,
         steps=steps,

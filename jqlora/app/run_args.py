@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from jqlora.app import config as config_lib
+from jqlora.app import config_io
 from jqlora.app.config import DEFAULT_MODEL, DEFAULT_STEPS, FinetuneConfig
 from jqlora.train import checkpoint as ckpt
 from jqlora.train.schedules import warmup_steps
@@ -79,25 +80,25 @@ def checkpoint_to_resume(config: FinetuneConfig) -> str | None:
         )
     if latest:
         saved = read_saved_config(out)
-        diff = config_lib.differences(saved, config)
+        diff = config_io.differences(saved, config)
         if diff:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
                 f"{latest}: cannot resume with different settings than "
-                f"{os.path.join(out, config_lib.CONFIG_FILE)} (saved -> now): {listed}"
+                f"{os.path.join(out, config_io.CONFIG_FILE)} (saved -> now): {listed}"
             )
     return latest
 
 
 def read_saved_config(out: str) -> dict[str, Any]:
     """The options a run in ``out`` wrote to its config.yaml."""
-    path = os.path.join(out, config_lib.CONFIG_FILE)
+    path = os.path.join(out, config_io.CONFIG_FILE)
     try:
         with open(path) as f:
             saved = yaml.safe_load(f)
     except FileNotFoundError:
         raise ValueError(
-            f"{out} holds checkpoints but no {config_lib.CONFIG_FILE}: its settings are unknown, "
+            f"{out} holds checkpoints but no {config_io.CONFIG_FILE}: its settings are unknown, "
             "so it cannot be resumed"
         ) from None
     if not isinstance(saved, dict):

@@ -13,7 +13,7 @@ _EXPORTS = {
     "Linear": "jqlora.lora.linear",
     "lora_branch": "jqlora.lora.linear",
     "merge_lora": "jqlora.lora.merge",
-    "init_lora_and_residual": "jqlora.lora.residual",
+    "init_lora_from_base": "jqlora.lora.residual",
     "svd_lowrank": "jqlora.lora.residual",
     "LoraSpec": "jqlora.lora.spec",
     "linear_modules": "jqlora.lora.targets",
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from jqlora.lora.linear import lora_branch as lora_branch
     from jqlora.lora.merge import merge_lora as merge_lora
     from jqlora.lora.residual import (
-        init_lora_and_residual as init_lora_and_residual,
+        init_lora_from_base as init_lora_from_base,
     )
     from jqlora.lora.residual import (
         svd_lowrank as svd_lowrank,

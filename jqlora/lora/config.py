@@ -41,7 +41,7 @@ class LoraConfig:
       zero), ``"pissa"`` / ``"pissa_niter_N"`` (principal singular vectors; exact
       or randomized SVD with N subspace iterations) or ``"loftq"`` (alternating
       quantization and SVD). The last two change the base weight: use
-      ``init_lora_and_residual`` for them.
+      ``init_lora_from_base`` for them.
     rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``.
     loftq_iter: alternating steps of LoftQ (PEFT's ``LoftQConfig.loftq_iter``); >= 1.
     """

@@ -81,12 +81,12 @@ def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, *, dtype=jnp.
     Paths mirror the targeted modules' paths in ``params`` (``magnitude`` [out] added with
     DoRA). ``dtype`` is the adapters' storage dtype (float32 keeps the optimizer exact;
     the forward casts to the compute dtype). PiSSA and LoftQ move part of the base weight
-    into the adapter, so they need ``init_lora_and_residual`` instead.
+    into the adapter, so they need ``init_lora_from_base`` instead.
     """
     if config.changes_base:
         raise ValueError(
             f"init={config.init!r} rewrites the base weights (base = W - s B A); call "
-            "jqlora.init_lora_and_residual(key, params, config, quantization=...) to get both trees"
+            "jqlora.lora.init_lora_from_base(key, params, config, quantization=...) to get both trees"
         )
     lora: dict = {}
     for path, weight, r, spec in target_layers(params, config):

@@ -74,7 +74,7 @@ def select_adapters(stacked: Mapping, ids: jax.Array) -> dict:
     return jax.tree.map(lambda x: x[ids], stacked)
 
 
-def map_rows(fn: Callable, stacked: Mapping, ids: jax.Array, *batched):
+def apply_per_row_adapters(fn: Callable, stacked: Mapping, ids: jax.Array, *batched):
     """``fn(lora, *batched)`` where row ``i`` of the batch sees adapter ``ids[i]``.
 
     ``fn`` takes a lora tree and pytrees whose array leaves lead with the batch axis

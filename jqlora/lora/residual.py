@@ -102,10 +102,11 @@ def loftq(
     return a, b, qt
 
 
-def init_lora_and_residual(
+def init_lora_from_base(
     key: jax.Array, params: Mapping, config: LoraConfig, *, quantization=None, dtype=jnp.float32
 ) -> tuple[Mapping, dict]:
-    """``(params, lora)`` for a PiSSA or LoftQ ``config``: the residual base and its adapters.
+    """``(params, lora)`` for a PiSSA or LoftQ ``config``: adapters initialised from the base
+    weights, and the base less what they took (the residual).
 
     Targeted layers get ``base = W - s B A`` (see module doc); with ``quantization`` every
     linear layer it covers is stored in 4 bits: the targeted ones as their residual (for
