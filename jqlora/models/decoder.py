@@ -79,6 +79,24 @@ class DecoderConfig:
         return dict(self.ropes[i])
 
 
+def sizes_from_hf(d: dict, head_dim: int, *, eps: float, max_positions: int, tied: bool) -> dict:
+    """The `DecoderConfig` sizes every family reads alike from config.json; the arguments are
+    the head size and the family's defaults for the keys a config may leave out."""
+    heads = d["num_attention_heads"]
+    return dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=d.get("rms_norm_eps", eps),
+        max_position_embeddings=d.get("max_position_embeddings", max_positions),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", tied)),
+    )
+
+
 def freeze_rope(params: dict) -> tuple:
     """RoPE settings as hashable sorted items (lists become tuples)."""
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))

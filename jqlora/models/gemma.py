@@ -18,7 +18,13 @@ global), embeddings tied to the head by default.
 from __future__ import annotations
 
 from jqlora.models import rope
-from jqlora.models.decoder import CHECKPOINT, DecoderConfig, DecoderForCausalLM, freeze_rope
+from jqlora.models.decoder import (
+    CHECKPOINT,
+    DecoderConfig,
+    DecoderForCausalLM,
+    freeze_rope,
+    sizes_from_hf,
+)
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -55,7 +61,6 @@ def config_from_hf(d: dict) -> DecoderConfig:
         raise ValueError(
             "config.json: use_bidirectional_attention (EmbeddingGemma) is not supported"
         )
-    heads = d["num_attention_heads"]
     n_layers = d["num_hidden_layers"]
     head_dim = d.get("head_dim") or 256
     kinds = _layer_types(d, gemma3)
@@ -69,16 +74,7 @@ def config_from_hf(d: dict) -> DecoderConfig:
     bias = bool(d.get("attention_bias", False))
     softcaps = (None, None) if gemma3 else (50.0, 30.0)  # transformers' defaults
     return DecoderConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=d.get("max_position_embeddings", 8192),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        **sizes_from_hf(d, head_dim, eps=1e-6, max_positions=8192, tied=True),
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=False,
