@@ -126,3 +126,9 @@ def test_save_hf_loads_in_transformers(tiny, tmp_path):
     np.testing.assert_allclose(
         torch_logits(reloaded, ids), torch_logits(reference, ids), atol=0, rtol=0, err_msg=name
     )
+
+
+def test_estimate_memory_counts_the_parameters_transformers_has(tiny):
+    name, path, reference, _, _ = tiny
+    estimate = jqlora.estimate_memory(reference.config.to_dict(), jqlora.LoraConfig(r=4))
+    assert estimate.base_params == sum(p.numel() for p in reference.parameters()), name
