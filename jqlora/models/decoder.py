@@ -75,9 +75,6 @@ class DecoderConfig:
         """The distinct sliding windows (None: full attention), in order of first use."""
         return tuple(dict.fromkeys(self.sliding_windows))
 
-    def rope_params(self, i: int = 0) -> dict:
-        return dict(self.ropes[i])
-
 
 def sizes_from_hf(d: dict, head_dim: int, *, eps: float, max_positions: int, tied: bool) -> dict:
     """The `DecoderConfig` sizes every family reads alike from config.json; the arguments are

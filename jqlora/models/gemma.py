@@ -13,11 +13,15 @@ global), embeddings tied to the head by default.
   ``sliding_attention`` / ``full_attention``; old configs: ``rope_local_base_freq`` for the
   sliding layers, ``rope_theta`` and ``rope_scaling`` for the global ones); no soft-capping
   unless the config sets it.
+* Gemma 3 image-text checkpoints (``model_type`` gemma3): their text tower, a
+  ``gemma3_text`` model (``text_config``; its tensors ``language_model.model.*`` or
+  ``model.language_model.*``, the vision tower's left out). It is saved as a text model.
 """
 
 from __future__ import annotations
 
 from jqlora.models import rope
+from jqlora.models.checkpoint_map import CheckpointMap
 from jqlora.models.decoder import (
     CHECKPOINT,
     DecoderConfig,
@@ -26,9 +30,23 @@ from jqlora.models.decoder import (
     sizes_from_hf,
 )
 
-MODEL_TYPES = ("gemma2", "gemma3_text")
-ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-__all__ = ["CHECKPOINT", "DecoderForCausalLM", "config_from_hf"]
+MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
+ARCHITECTURES = {
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",  # the text tower is saved as a text model
+}
+GEMMA3_CHECKPOINT = CheckpointMap(
+    ignore=(*CHECKPOINT.ignore, r"(model\.)?(vision_tower|multi_modal_projector)\..*"),
+    renames=((r"^language_model\.model\.", "model."), (r"^model\.language_model\.", "model.")),
+)
+__all__ = ["CHECKPOINT", "GEMMA3_CHECKPOINT", "DecoderForCausalLM", "config_from_hf"]
+
+# Gemma3TextConfig's defaults, which an image-text checkpoint's text_config may leave out
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+)  # fmt: skip
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 
@@ -55,6 +73,8 @@ def _gemma3_ropes(d: dict) -> dict[str, dict]:
 
 
 def config_from_hf(d: dict) -> DecoderConfig:
+    if d.get("model_type") == "gemma3":
+        d = {**_GEMMA3_TEXT_DEFAULTS, **(d.get("text_config") or {}), "model_type": "gemma3_text"}
     model_type = d.get("model_type", "gemma2")
     gemma3 = model_type == "gemma3_text"
     if d.get("use_bidirectional_attention"):

@@ -25,11 +25,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-__all__ = ["CHECKPOINT", "LlamaConfig", "LlamaForCausalLM", "config_from_hf"]
-
-# The Llama family is the decoder with its defaults (kept names for existing callers).
-LlamaConfig = DecoderConfig
-LlamaForCausalLM = DecoderForCausalLM
+__all__ = ["CHECKPOINT", "DecoderForCausalLM", "config_from_hf"]
 
 
 def _qwen_windows(d: dict, n_layers: int) -> tuple:
