@@ -29,7 +29,7 @@ from jqlora.models import cache as kv_cache
 from jqlora.models import rope
 from jqlora.models.attention import attention
 from jqlora.models.checkpoint_map import CheckpointMap
-from jqlora.models.head import CausalLM
+from jqlora.models.head import Backbone, CausalLM
 from jqlora.models.layer_list import LayerList
 from jqlora.models.layers import Embed, Linear, RMSNorm, activation, gated_activation
 
@@ -189,11 +189,8 @@ class DecoderLayer(nn.Module):
         return h + mlp(norm("post_attention_layernorm")(h)), cache_kv
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(Backbone):
     config: DecoderConfig
-    dtype: jnp.dtype
-    remat: str | None = None
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):

@@ -21,7 +21,17 @@ import jax.numpy as jnp
 from jqlora.models.cache import KVCache, init_cache
 from jqlora.models.layers import Linear, soft_cap
 
-__all__ = ["CausalLM", "tied_logits"]
+__all__ = ["Backbone", "CausalLM", "tied_logits"]
+
+
+class Backbone(nn.Module):
+    """What a `CausalLM` runs before its head: ``(input_ids, attention_mask, positions,
+    cache) -> (final hidden states, new cache or None)``."""
+
+    config: Any
+    dtype: jnp.dtype
+    remat: str | None = None
+    scan_layers: bool = False
 
 
 def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
@@ -48,7 +58,7 @@ class CausalLM(nn.Module):
     remat: str | None = None
     scan_layers: bool = False
 
-    BACKBONE: ClassVar[type[nn.Module]]
+    BACKBONE: ClassVar[type[Backbone]]
     BACKBONE_NAME: ClassVar[str] = "model"
     TIED_EMBEDDING: ClassVar[tuple[str, ...]] = ()
 
@@ -56,7 +66,7 @@ class CausalLM(nn.Module):
     def __call__(
         self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
     ):
-        backbone = self.BACKBONE(  # type: ignore[call-arg]
+        backbone = self.BACKBONE(
             self.config, self.dtype, self.remat, self.scan_layers, name=self.BACKBONE_NAME
         )
         h, new_cache = backbone(input_ids, attention_mask, positions, cache)
