@@ -126,3 +126,93 @@ def test_save_hf_loads_in_transformers(tiny, tmp_path):
     np.testing.assert_allclose(
         torch_logits(reloaded, ids), torch_logits(reference, ids), atol=0, rtol=0, err_msg=name
     )
+
+
+def test_estimate_memory_counts_the_parameters_transformers_has(tiny):
+    name, path, reference, _, _ = tiny
+    estimate = jqlora.estimate_memory(reference.config.to_dict(), jqlora.LoraConfig(r=4))
+    assert estimate.base_params == sum(p.numel() for p in reference.parameters()), name
+
+
+def test_merge_cli_equals_peft_merge_and_unload(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from jqlora.cli import main
+
+    name, path, _, _, _ = tiny
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(load_eager(path), config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = random_ids(VOCAB, 2, SEQ, seed=7)
+    want = torch_logits(peft_model.merge_and_unload().eval(), ids)
+    argv = ["merge", "--model", str(path), "--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    np.testing.assert_allclose(
+        torch_logits(load_eager(tmp_path / "out"), ids), want, atol=TOL, rtol=0, err_msg=name
+    )
+
+
+def test_gemma3_image_text_checkpoint_loads_its_text_tower(tmp_path):
+    """A Gemma 3 image-text checkpoint (a tiny SigLIP tower beside the text model): jqlora
+    loads the text tower, equal to transformers on text, and saves it as a Gemma 3 text model."""
+    import transformers as tf
+
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = tf.Gemma3Config(
+        text_config=family_configs()["gemma3_text"].to_dict(), vision_config=vision.to_dict(),
+        mm_tokens_per_image=4, boi_token_index=90, eoi_token_index=91, image_token_index=92,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    image_text = tf.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for n, p in image_text.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    image_text.save_pretrained(tmp_path / "image-text")
+    reference = load_eager(tmp_path / "image-text")
+    model, params = jqlora.load_hf(tmp_path / "image-text")
+    ids = random_ids(90, 2, SEQ, seed=8)  # below the image tokens
+    mask = left_padding_mask(2, SEQ, [0, 3])
+    want, real = torch_logits(reference, ids, mask), mask.astype(bool)
+    got = np.asarray(model.apply({"params": params}, ids, mask))
+    np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0)
+
+    jqlora.save_hf(tmp_path / "text", model, params)
+    text = load_eager(tmp_path / "text")
+    assert type(text).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_allclose(torch_logits(text, ids, mask)[real], want[real], atol=TOL, rtol=0)
+
+
+def test_pissa_residual_base_equals_peft(tiny):
+    """PiSSA on "all-linear" (fused Phi-3 modules included): the residual base weights peft
+    leaves, and the model's logits unchanged by the initialization."""
+    from peft import LoraConfig, get_peft_model
+
+    from jqlora.hf.names import flatten
+    from jqlora.lora import init_lora_and_residual
+
+    name, path, reference, model, params = tiny
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa")
+    peft_model = get_peft_model(load_eager(path), config).eval()
+    residual, lora = init_lora_and_residual(
+        jax.random.key(0), params, jqlora.LoraConfig(r=4, alpha=8, init="pissa")
+    )
+    ours = flatten(residual)
+    for module in TARGETS[name]:
+        block = (
+            "mlp"
+            if module in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+            else "self_attn"
+        )
+        torch_name = f"model.layers.1.{block}.{module}"
+        theirs = peft_model.base_model.model.get_submodule(torch_name).base_layer.weight
+        # Measured: ~1e-6 (float32 SVDs of 64-128 wide matrices).
+        np.testing.assert_allclose(
+            ours[torch_name + ".weight"], theirs.detach().numpy(), atol=2e-5, err_msg=name
+        )
+    ids = random_ids(VOCAB, 2, SEQ, seed=9)
+    got = np.asarray(model.apply({"params": residual, "lora": lora}, ids))
+    np.testing.assert_allclose(got, torch_logits(reference, ids), atol=TOL, rtol=0, err_msg=name)

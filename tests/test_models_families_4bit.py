@@ -24,17 +24,15 @@ IDS = random_ids(VOCAB, 2, 3 * WINDOW, seed=5)
 MASK = left_padding_mask(2, 3 * WINDOW, [0, 3])
 
 
-def bnb_reference(path, quant_type="nf4", double_quant=True):
-    model = load_eager(
-        path,
-        quantization_config=tf.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_type,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        device_map="cpu",
+def bnb_reference(path, quant_type="nf4", double_quant=True, prequantized=False):
+    quantization = tf.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
     )
+    kw = {} if prequantized else {"quantization_config": quantization}
+    model = load_eager(path, device_map="cpu", **kw)
     for m in model.modules():  # bitsandbytes' exact CPU path (see REFERENCES.md)
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
@@ -70,3 +68,12 @@ def test_bnb_4bit_checkpoint_saved_by_transformers_loads(tiny, tmp_path):
     bnb_reference(path).save_pretrained(tmp_path)  # before any forward (REFERENCES.md)
     model, params = jqlora.load_hf(tmp_path)
     _check(name, model, params, bnb_reference(path))
+
+
+def test_quantize_cli_equals_transformers_quantizing_itself(tiny, tmp_path):
+    from jqlora.cli import main
+
+    name, path = tiny
+    assert main(["quantize", str(path), str(tmp_path)]) == 0
+    ours = torch_logits(bnb_reference(tmp_path, prequantized=True), IDS, MASK)
+    np.testing.assert_array_equal(ours, torch_logits(bnb_reference(path), IDS, MASK), err_msg=name)

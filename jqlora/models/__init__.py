@@ -36,15 +36,16 @@ class _Family(NamedTuple):
 _FAMILIES: dict[str, _Family] = {}  # model_type -> family
 
 
-def _register(module, config_from_hf, model_cls):
+def _register(module, config_from_hf, model_cls, checkpoints=None):
     for t in module.MODEL_TYPES:
-        _FAMILIES[t] = _Family(
-            config_from_hf, model_cls, module.CHECKPOINT, module.ARCHITECTURES[t]
-        )
+        ckpt = (checkpoints or {}).get(t, module.CHECKPOINT)
+        _FAMILIES[t] = _Family(config_from_hf, model_cls, ckpt, module.ARCHITECTURES[t])
 
 
 _register(llama, llama.config_from_hf, DecoderForCausalLM)
-_register(gemma, gemma.config_from_hf, DecoderForCausalLM)
+# Gemma 3 text models get the image-text names too: the text tower is saved as one of them.
+_GEMMA3 = {t: gemma.GEMMA3_CHECKPOINT for t in ("gemma3", "gemma3_text")}
+_register(gemma, gemma.config_from_hf, DecoderForCausalLM, _GEMMA3)
 _register(phi3, phi3.config_from_hf, DecoderForCausalLM)
 _register(opt, opt.OPTConfig.from_hf, opt.OPTForCausalLM)
 _register(gpt2, gpt2.GPT2Config.from_hf, gpt2.GPT2LMHeadModel)

@@ -29,7 +29,7 @@ from jqlora.models import cache as kv_cache
 from jqlora.models import rope
 from jqlora.models.attention import attention
 from jqlora.models.checkpoint_map import CheckpointMap
-from jqlora.models.head import CausalLM
+from jqlora.models.head import Backbone, CausalLM
 from jqlora.models.layer_list import LayerList
 from jqlora.models.layers import Embed, Linear, RMSNorm, activation, gated_activation
 
@@ -75,8 +75,23 @@ class DecoderConfig:
         """The distinct sliding windows (None: full attention), in order of first use."""
         return tuple(dict.fromkeys(self.sliding_windows))
 
-    def rope_params(self, i: int = 0) -> dict:
-        return dict(self.ropes[i])
+
+def sizes_from_hf(d: dict, head_dim: int, *, eps: float, max_positions: int, tied: bool) -> dict:
+    """The `DecoderConfig` sizes every family reads alike from config.json; the arguments are
+    the head size and the family's defaults for the keys a config may leave out."""
+    heads = d["num_attention_heads"]
+    return dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=d.get("rms_norm_eps", eps),
+        max_position_embeddings=d.get("max_position_embeddings", max_positions),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", tied)),
+    )
 
 
 def freeze_rope(params: dict) -> tuple:
@@ -174,11 +189,8 @@ class DecoderLayer(nn.Module):
         return h + mlp(norm("post_attention_layernorm")(h)), cache_kv
 
 
-class DecoderModel(nn.Module):
+class DecoderModel(Backbone):
     config: DecoderConfig
-    dtype: jnp.dtype
-    remat: str | None = None
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache, segment_ids=None):

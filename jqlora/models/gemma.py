@@ -13,16 +13,40 @@ global), embeddings tied to the head by default.
   ``sliding_attention`` / ``full_attention``; old configs: ``rope_local_base_freq`` for the
   sliding layers, ``rope_theta`` and ``rope_scaling`` for the global ones); no soft-capping
   unless the config sets it.
+* Gemma 3 image-text checkpoints (``model_type`` gemma3): their text tower, a
+  ``gemma3_text`` model (``text_config``; its tensors ``language_model.model.*`` or
+  ``model.language_model.*``, the vision tower's left out). It is saved as a text model.
 """
 
 from __future__ import annotations
 
 from jqlora.models import rope
-from jqlora.models.decoder import CHECKPOINT, DecoderConfig, DecoderForCausalLM, freeze_rope
+from jqlora.models.checkpoint_map import CheckpointMap
+from jqlora.models.decoder import (
+    CHECKPOINT,
+    DecoderConfig,
+    DecoderForCausalLM,
+    freeze_rope,
+    sizes_from_hf,
+)
 
-MODEL_TYPES = ("gemma2", "gemma3_text")
-ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-__all__ = ["CHECKPOINT", "DecoderForCausalLM", "config_from_hf"]
+MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
+ARCHITECTURES = {
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",  # the text tower is saved as a text model
+}
+GEMMA3_CHECKPOINT = CheckpointMap(
+    ignore=(*CHECKPOINT.ignore, r"(model\.)?(vision_tower|multi_modal_projector)\..*"),
+    renames=((r"^language_model\.model\.", "model."), (r"^model\.language_model\.", "model.")),
+)
+__all__ = ["CHECKPOINT", "GEMMA3_CHECKPOINT", "DecoderForCausalLM", "config_from_hf"]
+
+# Gemma3TextConfig's defaults, which an image-text checkpoint's text_config may leave out
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+)  # fmt: skip
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 
@@ -49,13 +73,14 @@ def _gemma3_ropes(d: dict) -> dict[str, dict]:
 
 
 def config_from_hf(d: dict) -> DecoderConfig:
+    if d.get("model_type") == "gemma3":
+        d = {**_GEMMA3_TEXT_DEFAULTS, **(d.get("text_config") or {}), "model_type": "gemma3_text"}
     model_type = d.get("model_type", "gemma2")
     gemma3 = model_type == "gemma3_text"
     if d.get("use_bidirectional_attention"):
         raise ValueError(
             "config.json: use_bidirectional_attention (EmbeddingGemma) is not supported"
         )
-    heads = d["num_attention_heads"]
     n_layers = d["num_hidden_layers"]
     head_dim = d.get("head_dim") or 256
     kinds = _layer_types(d, gemma3)
@@ -69,16 +94,7 @@ def config_from_hf(d: dict) -> DecoderConfig:
     bias = bool(d.get("attention_bias", False))
     softcaps = (None, None) if gemma3 else (50.0, 30.0)  # transformers' defaults
     return DecoderConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=d.get("max_position_embeddings", 8192),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        **sizes_from_hf(d, head_dim, eps=1e-6, max_positions=8192, tied=True),
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=False,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jqlora.models import cache as kv_cache
 from jqlora.models.attention import attention
 from jqlora.models.checkpoint_map import CheckpointMap
-from jqlora.models.head import CausalLM
+from jqlora.models.head import Backbone, CausalLM
 from jqlora.models.layer_list import LayerList
 from jqlora.models.layers import Embed, LayerNorm, Linear, activation, head_scale
 
@@ -133,11 +133,8 @@ class GPT2MLP(nn.Module):
         )
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(Backbone):
     config: GPT2Config
-    dtype: jnp.dtype
-    remat: str | None = None
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):

@@ -21,7 +21,17 @@ import jax.numpy as jnp
 from jqlora.models.cache import KVCache, init_cache
 from jqlora.models.layers import Linear, soft_cap
 
-__all__ = ["CausalLM", "tied_logits"]
+__all__ = ["Backbone", "CausalLM", "tied_logits"]
+
+
+class Backbone(nn.Module):
+    """What a `CausalLM` runs before its head: ``(input_ids, attention_mask, positions,
+    cache) -> (final hidden states, new cache or None)``."""
+
+    config: Any
+    dtype: jnp.dtype
+    remat: str | None = None
+    scan_layers: bool = False
 
 
 def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
@@ -50,7 +60,7 @@ class CausalLM(nn.Module):
     remat: str | None = None
     scan_layers: bool = False
 
-    BACKBONE: ClassVar[type[nn.Module]]
+    BACKBONE: ClassVar[type[Backbone]]
     BACKBONE_NAME: ClassVar[str] = "model"
     TIED_EMBEDDING: ClassVar[tuple[str, ...]] = ()
 
@@ -64,7 +74,7 @@ class CausalLM(nn.Module):
         hidden_only=False,
         segment_ids=None,
     ):
-        backbone = self.BACKBONE(  # type: ignore[call-arg]
+        backbone = self.BACKBONE(
             self.config, self.dtype, self.remat, self.scan_layers, name=self.BACKBONE_NAME
         )
         packed = {} if segment_ids is None else {"segment_ids": segment_ids}

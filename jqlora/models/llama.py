@@ -15,6 +15,7 @@ from jqlora.models.decoder import (
     DecoderConfig,
     DecoderForCausalLM,
     freeze_rope,
+    sizes_from_hf,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -24,11 +25,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-__all__ = ["CHECKPOINT", "LlamaConfig", "LlamaForCausalLM", "config_from_hf"]
-
-# The Llama family is the decoder with its defaults (kept names for existing callers).
-LlamaConfig = DecoderConfig
-LlamaForCausalLM = DecoderForCausalLM
+__all__ = ["CHECKPOINT", "DecoderForCausalLM", "config_from_hf"]
 
 
 def _qwen_windows(d: dict, n_layers: int) -> tuple:
@@ -55,16 +52,7 @@ def config_from_hf(d: dict) -> DecoderConfig:
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     bias = bool(d.get("attention_bias", False))
     return DecoderConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        **sizes_from_hf(d, head_dim, eps=1e-6, max_positions=2048, tied=False),
         qkv_bias=qwen2 or bias,
         o_bias=(not qwen2) and bias,
         mlp_bias=bool(d.get("mlp_bias", False)),

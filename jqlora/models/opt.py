@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jqlora.models import cache as kv_cache
 from jqlora.models.attention import attention
 from jqlora.models.checkpoint_map import CheckpointMap
-from jqlora.models.head import CausalLM
+from jqlora.models.head import Backbone, CausalLM
 from jqlora.models.layer_list import LayerList
 from jqlora.models.layers import Embed, LayerNorm, Linear, activation
 
@@ -125,11 +125,8 @@ class OPTDecoderLayer(nn.Module):
         return h, cache_kv
 
 
-class OPTDecoder(nn.Module):
+class OPTDecoder(Backbone):
     config: OPTConfig
-    dtype: jnp.dtype
-    remat: str | None = None
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):
@@ -176,11 +173,8 @@ def _default_positions(b, s, attention_mask, cache):
     return (jnp.cumsum(new, axis=1) + before) * new - 1
 
 
-class OPTModel(nn.Module):
+class OPTModel(Backbone):
     config: OPTConfig
-    dtype: jnp.dtype
-    remat: str | None = None
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, ids, attention_mask, positions, cache):

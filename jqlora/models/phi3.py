@@ -11,7 +11,13 @@ names su and yarn); an optional ``sliding_window`` covers every layer.
 from __future__ import annotations
 
 from jqlora.models import rope
-from jqlora.models.decoder import CHECKPOINT, DecoderConfig, DecoderForCausalLM, freeze_rope
+from jqlora.models.decoder import (
+    CHECKPOINT,
+    DecoderConfig,
+    DecoderForCausalLM,
+    freeze_rope,
+    sizes_from_hf,
+)
 
 MODEL_TYPES = ("phi3",)
 ARCHITECTURES = {"phi3": "Phi3ForCausalLM"}
@@ -38,16 +44,7 @@ def config_from_hf(d: dict) -> DecoderConfig:
     params = _rope(d)
     partial = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     return DecoderConfig(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-        max_position_embeddings=d.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        **sizes_from_hf(d, head_dim, eps=1e-5, max_positions=4096, tied=False),
         qkv_bias=False,
         o_bias=False,
         mlp_bias=False,
