@@ -9,6 +9,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 from adapter_reference import exact_nf4
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
@@ -20,6 +21,7 @@ from jqlora.hf.peft import load_peft_adapter
 LR = 5e-3
 
 
+@pytest.mark.slow  # a finetune run of ~110 steps
 def test_offload_remat_epochs_fp4_seed_run_loads_in_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -54,7 +56,9 @@ def test_offload_remat_epochs_fp4_seed_run_loads_in_peft(tmp_path):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=fp4, device_map="cpu")
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=fp4, device_map="cpu"
+    )
     peft_model = exact_nf4(PeftModel.from_pretrained(exact_nf4(base), out))
     ids = np.array([[1, 5, 9, 30, 7, 2, 11, 40]])
     with torch.no_grad():
