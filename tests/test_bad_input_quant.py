@@ -15,8 +15,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bnb_reference import bnbf, torch
-from hypothesis import HealthCheck, given, settings
+from bnb_reference import bnb_dequantize, bnbf, torch
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import jqlora
@@ -99,16 +99,19 @@ def test_empty_arrays_are_refused_unlike_bitsandbytes(shape):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_zero_dim_array_quantizes_as_bitsandbytes_and_round_trips(quant_type):
     """A 0-d array is one value in one block: the same byte and absmax as bitsandbytes.
-    bitsandbytes cannot dequantize it (IndexError); jqlora gives the 0-d value back."""
+    jqlora gives the 0-d value back: the value bitsandbytes dequantizes from the same
+    value held in a 1-element array (its own dequantize of a 0-d input fails)."""
     w = torch.tensor(0.7)
     packed, state = bnbf.quantize_4bit(w, quant_type=quant_type, compress_statistics=False)
     qt = jqlora.quantize(jnp.float32(0.7), quant_type, 64, False)
     assert np.array_equal(np.asarray(qt.codes).reshape(-1), packed.numpy().reshape(-1))
     assert np.array_equal(np.asarray(qt.absmax), state.absmax.numpy())
-    with pytest.raises(IndexError):
-        bnbf.dequantize_4bit(packed, state)
+    packed1, state1 = bnbf.quantize_4bit(
+        w.reshape(1), quant_type=quant_type, compress_statistics=False
+    )
+    expected = bnbf.dequantize_4bit(packed1, state1).reshape(()).item()
     back = jqlora.dequantize(qt)
-    assert back.shape == () and float(back) == pytest.approx(0.7, rel=0.1)
+    assert back.shape == () and float(back) == expected
 
 
 # ----------------------------------------------------------------- NaN and inf
@@ -275,12 +278,18 @@ json_values = st.recursive(
     ),
     value=json_values,
 )
+# Values that load (random JSON seldom does): a new offset, the other float dtypes, the
+# blocksize it has; each must read as bitsandbytes reads it.
+@example(field="nested_offset", value=0.125)
+@example(field="nested_offset", value=-3)
+@example(field="dtype", value="bfloat16")
+@example(field="nested_blocksize", value=256)
 def test_any_json_in_the_quant_state_gives_a_value_error_or_a_consistent_tensor(
     state_dict, field, value
 ):
     """Whatever JSON a field holds, from_bnb either refuses it with a ValueError naming the
-    weight, or returns a tensor whose arrays fit its shape: never a TypeError, KeyError or
-    a tensor that reads past its data."""
+    weight, or returns the tensor bitsandbytes reads from the same state dict: never a
+    TypeError, KeyError, a tensor that reads past its data or other values."""
     sd = with_meta(state_dict, **{field: value})
     try:
         qt = jqlora.from_bnb(sd, prefix=PREFIX)
@@ -288,6 +297,18 @@ def test_any_json_in_the_quant_state_gives_a_value_error_or_a_consistent_tensor(
         assert str(e).startswith(f"{PREFIX}: "), str(e)
     else:
         jqlora.to_bnb(qt)  # checks the arrays against the shape
+        state = bnbf.QuantState.from_dict(
+            {
+                k[len(PREFIX) + 1 :]: torch.from_numpy(v.copy())
+                for k, v in sd.items()
+                if k != PREFIX
+            },
+            device="cpu",
+        )
+        expected = bnb_dequantize(torch.from_numpy(sd[PREFIX].copy()), state, "nf4")
+        got = np.asarray(jqlora.dequantize(qt), np.float32)
+        assert got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(

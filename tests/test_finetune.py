@@ -284,6 +284,7 @@ def test_default_model_and_data_train_a_few_real_steps(tmp_path):
     assert os.path.exists(tmp_path / "real" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # a 4-device run in a subprocess, twice (scan_layers)
 def test_mesh_run_equals_one_device(tiny, whole, tmp_path):
     """`finetune(mesh="data=2,fsdp=2")` on 4 host devices (a subprocess, so this process keeps
     one device) trains the same adapter as the single-device run, with the layers unrolled

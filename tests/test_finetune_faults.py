@@ -209,6 +209,7 @@ def test_guard_discards_a_non_finite_optimizer_state_behind_a_finite_loss():
 # --- on_nonfinite in finetune -------------------------------------------------------------
 
 
+@pytest.mark.slow  # finetune runs (the `clean` fixture too)
 def test_skip_discards_the_step_logs_it_and_goes_on(tiny, clean, tmp_path, monkeypatch):
     model_dir, data = tiny
     out = str(tmp_path / "skip")
@@ -262,6 +263,7 @@ def test_skip_with_accumulation_discards_the_whole_update(tiny, tmp_path, monkey
     assert all_finite_file(os.path.join(runs["nan"], "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_stop_names_the_step_keeps_the_last_good_state_and_writes_no_adapter(
     tiny, clean, tmp_path, monkeypatch, capsys
 ):
@@ -290,6 +292,7 @@ def test_stop_names_the_step_keeps_the_last_good_state_and_writes_no_adapter(
     assert all_finite_file(out / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_in_a_row_stop_a_skipping_run(tiny, clean, tmp_path, monkeypatch):
     model_dir, data = tiny
     out = str(tmp_path / "streak")
@@ -353,6 +356,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
+@pytest.mark.slow
 def test_cli_reports_a_full_disk_and_the_run_resumes_after_it(
     tiny, clean, tmp_path, monkeypatch, capsys
 ):

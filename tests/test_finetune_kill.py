@@ -1,4 +1,5 @@
-"""`jqlora finetune` killed with SIGKILL twenty times and resumed with --resume each time.
+"""`jqlora finetune` killed with SIGKILL 11 times (20 with JQLORA_TEST_ALL_KILLS=1) and resumed
+with --resume each time.
 
 The kills land at random moments (while starting up, between and during train steps) and
 at every phase of a checkpoint save (the child process pauses there, see
@@ -34,7 +35,9 @@ pytestmark = pytest.mark.slow
 
 HOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune_under_faults.py")
 STEPS = 40  # enough for every planned kill to land before the run ends
-KILLS = 20
+# CI kills once at every save phase, once in start-up, once in training and once before
+# the adapter is written (11 kills); JQLORA_TEST_ALL_KILLS=1 runs all twenty.
+ALL_KILLS = os.environ.get("JQLORA_TEST_ALL_KILLS") == "1"
 SAVE_PHASES = (
     "save.begin",
     "save.tmp-created",
@@ -44,6 +47,7 @@ SAVE_PHASES = (
     "save.removing-old",
     "save.done",
 )
+KILLS = 20 if ALL_KILLS else len(SAVE_PHASES) + 3
 LAUNCH_TIMEOUT_S = 600  # one process, start to finish, on a loaded machine
 RESUMING = re.compile(r"^resuming from (\S+) \(step (\d+)\)$")
 CHECKPOINT = re.compile(r"^step_(\d{8})$")
@@ -154,14 +158,16 @@ def metrics(out) -> list[tuple]:
 
 
 def make_plan(rng: random.Random) -> list[str]:
-    """Twenty kills: every save phase at least once, random moments, the final write last."""
-    kinds = ["startup"] * 3 + ["train"] * 2 + list(SAVE_PHASES)
+    """KILLS kills: every save phase at least once, random moments, the final write last."""
+    kinds = (["startup"] * 3 + ["train"] * 2 if ALL_KILLS else ["startup", "train"]) + list(
+        SAVE_PHASES
+    )
     kinds += rng.choices(SAVE_PHASES, k=KILLS - 1 - len(kinds))
     rng.shuffle(kinds)
     return kinds + ["adapter.begin"]
 
 
-def test_twenty_sigkills_resume_to_the_uninterrupted_run(tmp_path):
+def test_sigkills_resume_to_the_uninterrupted_run(tmp_path):
     records = chat_records(24)
     model_dir = make_tiny_model_dir(tmp_path / "model", texts_of(records), hidden=32, layers=1)
     data = write_jsonl(tmp_path / "data.jsonl", records)

@@ -234,22 +234,6 @@ def test_bad_generate_input(bases):
         generate(model, params, PROMPTS, max_new_tokens=0)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct in transformers (float32) and in jqlora, with its tokenizer."""
-    import transformers as tf
-
-    from jqlora.hf.smollm2 import smollm2_gguf_path
-
-    path = smollm2_gguf_path(fetch=True)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    reference = tf.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    model, params = jqlora.load_hf(path)
-    return tokenizer, reference, model, params
-
-
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers(smollm2):
     """32 greedy tokens for a left-padded batch of two chat prompts, token for token."""

@@ -87,7 +87,8 @@ def test_quantized_load_matches_transformers_bnb(family, quant_type, double_quan
     assert not any("lm_head" in n or "embed" in n or "wte" in n for n in quantized)
     want, got = torch_logits(reference, IDS, MASK), jq_logits(model, params)
     real = MASK.astype(bool)
-    np.testing.assert_allclose(got[real], want[real], atol=1e-3, rtol=0)
+    # the same 4-bit weights, float32 sums in another order: measured worst error 2e-6
+    np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=0)
 
 
 def test_transformers_saved_4bit_checkpoint_loads_with_identical_bytes(llama_dir, tmp_path):

@@ -14,9 +14,10 @@ from fresh_process import run_python
 
 from jqlora import host_malloc
 
-pytestmark = pytest.mark.skipif(
-    host_malloc._glibc() is None, reason="the settings exist on glibc only"
-)
+pytestmark = [
+    pytest.mark.slow,  # fresh processes
+    pytest.mark.skipif(host_malloc._glibc() is None, reason="the settings exist on glibc only"),
+]
 
 # A 64 MiB float32 temporary (the product) reduced to a scalar: the page faults of the
 # second run, which allocates that buffer again, and the result.

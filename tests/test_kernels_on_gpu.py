@@ -18,7 +18,10 @@ import pytest
 from jqlora.kernels import gpu_tiles, pallas_gpu, qmatmul
 from jqlora.quant import dequantize, quantize
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
+]
 
 BOUND = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 2e-3}
 

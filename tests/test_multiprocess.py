@@ -21,6 +21,8 @@ import mesh_setup
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes
+
 HERE = os.path.dirname(__file__)
 TIMEOUT_S = 300
 

@@ -172,6 +172,7 @@ def sharded(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the `sharded` fixture: a subprocess with 8 devices
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2", "fsdp=8 offload"])
 def test_sharded_training_equals_one_device(sharded, mesh):
     run = sharded["meshes"][mesh]
@@ -184,6 +185,7 @@ def test_sharded_training_equals_one_device(sharded, mesh):
     assert run["opt_follows_lora"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh, shards", [("fsdp=8", 8), ("data=2,fsdp=4", 4), ("fsdp=4,tensor=2", 8)]
 )
@@ -202,11 +204,13 @@ def test_quantized_base_is_really_sharded(sharded, mesh, shards):
         assert all(w["absmax_shard"][0] * shards == w["absmax"][0] for w in layout.values())
 
 
+@pytest.mark.slow
 def test_model_under_shard_map_equals_one_device(sharded):
     assert sharded["shard_map"]["loss_rel"] <= 1e-6
     assert sharded["shard_map"]["grad_rel"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_load_hf_places_each_tensor_on_its_shards(sharded):
     assert sharded["load"]["equal"]  # same bytes as a plain load
     layout = sharded["load"]["layout"]

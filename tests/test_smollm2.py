@@ -6,9 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import jqlora
-from jqlora.hf.smollm2 import smollm2_gguf_path
-
 pytestmark = pytest.mark.slow
 
 PROMPT = (
@@ -16,21 +13,6 @@ PROMPT = (
     "freedom to share and change the works. By contrast, the GNU General Public License is intended "
     "to guarantee your freedom to share and change all versions of a program."
 )
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """transformers' model and tokenizer (its GGUF load takes ~17 s: once per module) and jqlora's."""
-    import torch
-    import transformers as tf
-
-    path = smollm2_gguf_path(fetch=True)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    reference = tf.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    model, params = jqlora.load_hf(path)
-    return tokenizer, reference, model, params
 
 
 def test_gguf_config_and_tensors(smollm2):
