@@ -14,7 +14,7 @@ from hf_reference import make_tiny, random_ids, torch_logits
 
 import jqlora
 from jqlora.hf.peft import load_peft_adapter
-from jqlora.train import loop
+from jqlora.app import loop
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])
@@ -31,8 +31,8 @@ def test_finetune_adapter_loads_in_peft(family, tmp_path):
     make_tiny(config, model_dir)
     tok.save_pretrained(model_dir)
     result = loop.finetune(
-        str(model_dir), write_jsonl(tmp_path / "data.jsonl", records), str(tmp_path / "out"),
-        steps=6, batch_size=4, seq_len=48, lr=5e-3, lora_r=4, lora_alpha=8, eval_every=6,
+        model=str(model_dir), data=write_jsonl(tmp_path / "data.jsonl", records),
+        out=str(tmp_path / "out"), steps=6, batch_size=4, seq_len=48, lr=5e-3, lora_r=4, lora_alpha=8, eval_every=6,
         save_every=6, sample=False, progress=False, log=lambda *a: None,
     )  # fmt: skip
     assert result.eval_loss_after < result.eval_loss_before

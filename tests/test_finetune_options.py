@@ -15,7 +15,7 @@ from adapter_reference import exact_nf4
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 
 import jqlora
-from jqlora.cli import main
+from jqlora.app.cli import main
 from jqlora.hf.peft import load_peft_adapter
 
 LR = 5e-3

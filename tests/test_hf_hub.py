@@ -104,14 +104,14 @@ def test_commands_take_a_hub_id(hub_home, tmp_path):
     """``generate`` and ``finetune`` run from the id; an id that is not cached is one error line."""
     done = run(
         hub_home,
-        ["-m", "jqlora.cli", "generate", "--model", "org/tiny", "--prompt", "What is 3",
+        ["-m", "jqlora", "generate", "--model", "org/tiny", "--prompt", "What is 3",
          "--max-new-tokens", "3"],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     data = write_jsonl(tmp_path / "data.jsonl", chat_records(8))
     done = run(
         hub_home,
-        ["-m", "jqlora.cli", "finetune", "--model", "org/tiny", "--data", data, "--steps", "1",
+        ["-m", "jqlora", "finetune", "--model", "org/tiny", "--data", data, "--steps", "1",
          "--batch-size", "2", "--seq-len", "32", "--eval-every", "1", "--out", str(tmp_path / "out")],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -119,7 +119,7 @@ def test_commands_take_a_hub_id(hub_home, tmp_path):
     assert adapter_config["base_model_name_or_path"] == "org/tiny"  # what PEFT loads the base by
     for command in (["generate", "--prompt", "hi"], ["estimate-memory"]):
         done = run(
-            hub_home, ["-m", "jqlora.cli", command[0], "--model", "org/missing", *command[1:]]
+            hub_home, ["-m", "jqlora", command[0], "--model", "org/missing", *command[1:]]
         )
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]

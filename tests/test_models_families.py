@@ -137,7 +137,7 @@ def test_estimate_memory_counts_the_parameters_transformers_has(tiny):
 def test_merge_cli_equals_peft_merge_and_unload(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from jqlora.cli import main
+    from jqlora.app.cli import main
 
     name, path, _, _, _ = tiny
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)

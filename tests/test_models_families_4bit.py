@@ -71,7 +71,7 @@ def test_bnb_4bit_checkpoint_saved_by_transformers_loads(tiny, tmp_path):
 
 
 def test_quantize_cli_equals_transformers_quantizing_itself(tiny, tmp_path):
-    from jqlora.cli import main
+    from jqlora.app.cli import main
 
     name, path = tiny
     assert main(["quantize", str(path), str(tmp_path)]) == 0
