@@ -31,19 +31,18 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> list[tuple[str, int, bool]]:
-    """``(module imported, line, at module level)`` for each import in ``path``; ``from X
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """``(module imported, line)`` for each import in ``path``; ``from X
     import Y`` counts as X.Y where X.Y is a module, else X; a string naming a module of
     jqlora counts as an import of it (``importlib.import_module(SUBCOMMANDS[name])``)."""
     tree = ast.parse(path.read_text(), str(path))
     package = _module_name(path)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
-    top_level = {id(node) for node in tree.body}
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names]
+            found += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -51,12 +50,12 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
                 base = f"{base}.{node.module}" if node.module else base
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
-                found.append((sub if _is_module(sub) else base, node.lineno, id(node) in top_level))
+                found.append((sub if _is_module(sub) else base, node.lineno))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             # a module named in a string is imported by name (importlib.import_module)
             name = node.value
             if name.startswith("jqlora.") and _is_module(name):
-                found.append((name, node.lineno, False))
+                found.append((name, node.lineno))
     return found
 
 
@@ -75,7 +74,7 @@ def test_the_library_never_imports_the_application():
         f"{rel}:{line}: imports {name}"
         for path, rel in _sources()
         if not rel.startswith("jqlora/app/") and rel not in FACADE
-        for name, line, _ in _imports(path)
+        for name, line in _imports(path)
         if name == "jqlora.app" or name.startswith("jqlora.app.")
     ]
     assert not wrong, "\n".join(wrong)
@@ -86,7 +85,7 @@ def test_the_application_imports_names_from_their_modules_not_the_package_root()
         f"{rel}:{line}: imports from the package root"
         for path, rel in _sources()
         if rel.startswith("jqlora/app/")
-        for name, line, _ in _imports(path)
+        for name, line in _imports(path)
         if name == "jqlora"
     ]
     assert not wrong, "\n".join(wrong)
@@ -120,7 +119,7 @@ def test_no_import_cycles(package):
     """Counting every import, in functions too: a lazy import in a circle is still one."""
     modules = {_module_name(p): p for p, _ in _sources()}
     graph = {
-        name: {m for m, _, _ in _imports(path) if m in modules and m != name}
+        name: {m for m, _ in _imports(path) if m in modules and m != name}
         for name, path in modules.items()
         if name == package or name.startswith(package + ".")
     }
