@@ -18,6 +18,7 @@ from hf_reference import make_tiny
 
 from jqlora.cli import main
 from jqlora.hf import names as names_lib
+from jqlora.hf.ollama import modelfile_text
 
 TEXT = (
     "The quick brown fox, 42 times! Grüße aus Köln, ça va très bien. Привет, как дела? "
@@ -95,7 +96,7 @@ def test_merged_f32_export_computes_the_merged_model(tiny):
         tiny, "merged-f32.gguf", "--adapter", str(tiny["dir"] / "adapter"), "--outtype", "f32"
     )
     got = torch_logits(_transformers_gguf(out), tiny["ids"])
-    # measured: 2e-7 (float32 rounding of two implementations)
+    # measured: 0.5-1.5e-6 (float32 rounding of two implementations); 1e-4 is the bound asked for
     assert _relative_error(got, tiny["merged"]) <= 1e-4
 
 
@@ -116,7 +117,7 @@ def test_merged_q8_0_export_is_close(tiny):
         for k, v in names_lib.flatten(tiny["merged_params"]).items()
     }
     want = jqlora_logits(tiny["model"], names_lib.unflatten(rounded), tiny["ids"])
-    assert _relative_error(got, want) <= 1e-4  # measured: 3e-7
+    assert _relative_error(got, want) <= 1e-4  # measured: 0.8-1e-6
     # against the unrounded model: 8-bit rounding (0.5 % RMS per matrix) moves the logits of
     # a random tiny model by up to 3.5 % of their range (measured; 1.7-3.5 % by family)
     assert _relative_error(got, tiny["merged"]) <= 1e-1
@@ -183,7 +184,27 @@ def test_adapter_gguf_applied_by_hand_gives_the_merged_model(tiny):
     by_hand = tiny["dir"] / "by-hand.gguf"
     _rewrite_gguf(base, by_hand, merged)
     got = torch_logits(_transformers_gguf(by_hand), tiny["ids"])
-    assert _relative_error(got, tiny["merged"]) <= 1e-4  # measured: 3e-7
+    assert _relative_error(got, tiny["merged"]) <= 1e-4  # measured: 0.6-2.3e-6
+
+
+def test_bnb_4bit_base_exports_its_dequantized_weights(tiny):
+    """A bitsandbytes 4-bit checkpoint (``jqlora quantize``) exports as the float model it
+    stands for: the f32 GGUF computes what transformers + bitsandbytes compute on it."""
+    from adapter_reference import bnb_nf4_config, exact_nf4
+    from transformers import AutoModelForCausalLM
+
+    if tiny["family"] != "llama":
+        pytest.skip("one family is enough for the 4-bit source")
+    nf4 = tiny["dir"] / "base-nf4"
+    assert main(["quantize", str(tiny["dir"] / "base"), str(nf4)]) == 0
+    reference = AutoModelForCausalLM.from_pretrained(
+        tiny["dir"] / "base", quantization_config=bnb_nf4_config(), device_map="cpu"
+    )
+    out = tiny["dir"] / "from-nf4.gguf"
+    assert main(["export", "--model", str(nf4), "--out", str(out), "--outtype", "f32"]) == 0
+    got = torch_logits(_transformers_gguf(out), tiny["ids"])
+    want = torch_logits(exact_nf4(reference), tiny["ids"])
+    assert _relative_error(got, want) <= 1e-4  # measured: 0 (the same float weights)
 
 
 def test_modelfile_is_written_beside_the_export(tiny):
@@ -192,6 +213,10 @@ def test_modelfile_is_written_beside_the_export(tiny):
     assert text.startswith("FROM ./chat.gguf\n")
     assert "TEMPLATE" in text and "<|im_start|>{{ .Role }}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    assert "SYSTEM" not in text  # the tiny model's template has no default system prompt
+    # a default system prompt in the Jinja template (SmolLM2's) becomes SYSTEM
+    jinja = "{{ '<|im_start|>system\nYou are SmolLM.<|im_end|>\n' }}" + CHATML
+    assert 'SYSTEM """You are SmolLM."""' in modelfile_text("./m.gguf", jinja, "<|im_end|>")
 
 
 GO_RENDER = """package main
@@ -273,3 +298,59 @@ def test_bad_requests_are_one_line_errors(tiny, tmp_path, capsys):
     assert main(["export", "--model", base, "--out", str(tmp_path / "x.bin")]) == 2
     assert "ending in .gguf" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_smollm2_export_in_transformers(tmp_path):
+    """The real SmolLM2-135M with a random adapter on every linear layer: the f32 export
+    computes the merged model in transformers, the q8_0 export predicts its tokens, and the
+    tokenizer is the source file's, field for field."""
+    import jax
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from jqlora.hf import load_hf
+    from jqlora.hf.peft import save_peft_adapter
+    from jqlora.hf.smollm2 import HUB_NAME, smollm2_gguf_path
+    from jqlora.lora import LoraConfig, init_lora
+    from jqlora.lora.merge import merge_lora
+
+    path = smollm2_gguf_path(fetch=True)
+    model, params = load_hf(path, dtype=jnp.float32)
+    config = LoraConfig(r=8, alpha=16)
+    lora = init_lora(jax.random.PRNGKey(0), params, config)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
+    lora = jax.tree.map(
+        lambda x: 0.02 * jax.random.normal(next(keys), x.shape) if x.ndim == 2 else x, lora
+    )  # a non-zero B, so that the adapter changes the model
+    save_peft_adapter(tmp_path / "adapter", lora, config, base_model_name_or_path=HUB_NAME)
+    text = "The licenses for most software are designed to take away your freedom to share it."
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = np.asarray([tokenizer(text)["input_ids"]])
+    merged = jqlora_logits(model, merge_lora(params, lora), ids)
+    assert _relative_error(merged, jqlora_logits(model, params, ids)) > 1e-2  # the adapter matters
+
+    adapter = str(tmp_path / "adapter")
+    for outtype in ("f32", "q8_0"):
+        out = tmp_path / f"smollm2-{outtype}.gguf"
+        argv = ["export", "--model", str(path), "--adapter", adapter, "--out", str(out)]
+        assert main([*argv, "--outtype", outtype]) == 0
+        got = torch_logits(_transformers_gguf(out), ids)
+        if outtype == "f32":
+            assert _relative_error(got, merged) <= 1e-4  # the bound asked for (tiny models: ~1e-6)
+        else:
+            agreement = (got.argmax(-1) == merged.argmax(-1)).mean()
+            assert agreement >= 0.99, agreement
+
+    source, exported = (gguf.GGUFReader(str(p)) for p in (path, out))
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            assert exported.fields[key].contents() == field.contents(), key
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+
+    out = tmp_path / "smollm2-adapter.gguf"
+    argv = ["export", "--model", str(path), "--adapter", adapter, "--out", str(out)]
+    assert main([*argv, "--adapter-only"]) == 0
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert f"FROM {path.resolve()}\nADAPTER ./smollm2-adapter.gguf\n" in modelfile

@@ -138,32 +138,35 @@ def _model_tensors(model, params, lora, outtype) -> Iterator[_Tensor]:
         yield _Tensor(name, value.shape, Q.F32, functools.partial(np.asarray, value))
 
 
-def _write(path: Path, writer: gguf.GGUFWriter, tensors: list[_Tensor], progress) -> Path:
+def _write_file(path: Path, arch: str, name: str | None, metadata, tensors, progress) -> Path:
+    """Write a GGUF file: ``metadata(writer)`` adds the keys, then the tensors in llama.cpp's
+    order, each computed as it is written. The file appears at ``path`` only when complete."""
     from jqlora.hf.load import progress_bar
 
-    tensors = sorted(tensors, key=lambda t: _order(t.name))
-    for t in tensors:
-        shape, dtype, nbytes = t.byte_layout()
-        raw = None if t.qtype in (Q.F32, Q.F16) else t.qtype
-        writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    with progress_bar(len(tensors), f"writing {path.name}", progress) as bar:
-        for t in tensors:
-            writer.write_tensor_data(t.data())
-            bar.update()
-    writer.close()
-    return path
-
-
-def _new_writer(path: Path, family: GGUFFamily, name: str | None) -> tuple[Path, gguf.GGUFWriter]:
-    """A writer on ``path``'s temporary sibling (renamed into place when complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    writer = gguf.GGUFWriter(tmp, family.arch)
-    writer.add_name(name or path.stem)
-    return tmp, writer
+    tensors = sorted(tensors, key=lambda t: _order(t.name))
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(name or path.stem)
+        metadata(writer)
+        for t in tensors:
+            shape, dtype, nbytes = t.byte_layout()
+            raw = None if t.qtype in (Q.F32, Q.F16) else t.qtype
+            writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with progress_bar(len(tensors), f"writing {path.name}", progress) as bar:
+            for t in tensors:
+                writer.write_tensor_data(t.data())
+                bar.update()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def save_gguf(
@@ -192,8 +195,8 @@ def save_gguf(
     if lora:
         check_lora(params, lora)
     tensors = list(_model_tensors(model, params, lora, outtype))
-    tmp, writer = _new_writer(path, family, name)
-    try:
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_file_type(_FILE_TYPES[outtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -201,12 +204,8 @@ def save_gguf(
         for key, value, vtype in keys:
             writer.add_key_value(key.format(arch=family.arch), value, vtype)
         add_tokenizer(writer, tokenizer, h.vocab)
-        _write(path, writer, tensors, progress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return _write_file(path, family.arch, name, metadata, tensors, progress)
 
 
 def _adapter_tensors(model, lora: Mapping, outtype: str) -> tuple[float, list[_Tensor]]:
@@ -258,15 +257,11 @@ def save_gguf_adapter(
     path = Path(os.fspath(path))
     family = family_for(model.config.hf)
     alpha, tensors = _adapter_tensors(model, lora, outtype)
-    tmp, writer = _new_writer(path, family, name)
-    try:
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_file_type(_FILE_TYPES[outtype])
-        _write(path, writer, tensors, progress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return _write_file(path, family.arch, name, metadata, tensors, progress)

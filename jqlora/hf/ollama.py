@@ -76,7 +76,7 @@ CHAT_FORMATS = {
         "<|im_start|>",
         _CHATML,
         ("<|im_start|>", "<|im_end|>"),
-        system=r"<\|im_start\|>system\\n([^'\"{}<]+)<\|im_end\|>",
+        system=r"<\|im_start\|>system(?:\\n|\n)([^'\"{}<]+)<\|im_end\|>",
     ),
     "llama3": ChatFormat(
         "<|start_header_id|>", _LLAMA3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
