@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "finetune": "jqlora.train.finetune_cli",
     "estimate-memory": "jqlora.memory_cli",
     "merge": "jqlora.hf.merge_cli",
+    "export": "jqlora.hf.export_cli",
     "generate": "jqlora.generate_cli",
     "chat": "jqlora.generate_cli",
 }
