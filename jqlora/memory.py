@@ -131,7 +131,7 @@ class Shapes:
             kv_heads=_optional(c, "num_key_value_heads") or heads,
             head_dim=_optional(c, "head_dim") or hidden // heads,
             vocab=c["vocab_size"],
-            gated_mlp=c.get("model_type") in ("llama", "mistral", "qwen2"),
+            gated_mlp=c.get("model_type") not in ("opt", "gpt2"),
         )
 
 

@@ -56,7 +56,8 @@ BATCH_AXES = ("data", "fsdp")  # axes the batch is split over
 NESTED_BLOCKSIZE = 256  # double quantization: absmax values per nested block
 
 _COLUMN = (
-    r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|fc1|query_key_value|dense_h_to_4h|w1|w3)"
+    r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|c_attn|c_fc|fc1|query_key_value"
+    r"|dense_h_to_4h|w1|w3)"
 )
 _ROW = r"(o_proj|down_proj|c_proj|fc2|out_proj|dense_4h_to_h|w2|dense)"
 

@@ -18,21 +18,8 @@ import jax.numpy as jnp
 from jqlora.hf import names as names_lib
 from jqlora.hf import safetensors_io
 from jqlora.hf.quant_config import QuantConfig
-from jqlora.models import checkpoint_map
+from jqlora.models import architecture, checkpoint_map
 from jqlora.quant import QuantizedTensor, dequantize, quantize
-
-#: config.json's "architectures" (the transformers class) of each model type
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "opt": "OPTForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
 
 
 def _float_dtype_name(flat: dict) -> str:
@@ -48,8 +35,8 @@ def hf_config_for(model, params_flat: dict, quantization: QuantConfig | None) ->
     config.pop("quantization_config", None)
     config.pop("torch_dtype", None)
     config["dtype"] = _float_dtype_name(params_flat)
-    if not config.get("architectures"):
-        config["architectures"] = [ARCHITECTURES[config["model_type"]]]
+    if not config.get("architectures"):  # a GGUF-read config leaves the class to save_hf
+        config["architectures"] = [architecture(config["model_type"])]
     if quantization is not None:
         config["quantization_config"] = quantization.to_hf(config["dtype"])
     return config

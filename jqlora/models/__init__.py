@@ -1,36 +1,63 @@
 """Flax (linen) causal language models whose params paths are Hugging Face parameter names.
 
 ``model_for_config(hf_config_dict, dtype)`` builds the model for a config.json; every model is
-called as ``model.apply({"params": p[, "lora": l]}, input_ids, attention_mask=None,
-positions=None, cache=None)`` and has ``init_cache(batch, max_len)`` (see
-``jqlora.models.common`` for the cache).
+a ``jqlora.models.head.CausalLM``, called as ``model.apply({"params": p[, "lora": l]},
+input_ids, attention_mask=None, positions=None, cache=None)``, with ``init_cache(batch,
+max_len)`` (see ``jqlora.models.cache``). The registry maps each ``model_type`` to its family
+module, which names its config parser, model class, checkpoint names and the
+``architectures`` entry of a saved config.json.
+
+    layers, rope, attention, cache, layer_list, head    the pieces
+    decoder                                             the pre-norm RoPE decoder
+    llama, gemma, phi3                                  its families' configs
+    opt, gpt2                                           families of their own
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from jqlora.models import gpt2, llama, opt
-from jqlora.models.common import CheckpointMap, KVCache
-from jqlora.models.llama import LlamaConfig, LlamaForCausalLM
+from jqlora.models import gemma, gpt2, llama, opt, phi3
+from jqlora.models.cache import KVCache
+from jqlora.models.checkpoint_map import CheckpointMap
+from jqlora.models.decoder import DecoderForCausalLM
 
-_FAMILIES: dict[str, tuple[type[Any], type[Any], CheckpointMap]] = {}  # model_type -> classes
+
+class _Family(NamedTuple):
+    config_from_hf: Callable[[dict], Any]
+    model_cls: type[Any]
+    checkpoint: CheckpointMap
+    architecture: str  # config.json's "architectures" entry
 
 
-def _register(module, config_cls, model_cls):
+_FAMILIES: dict[str, _Family] = {}  # model_type -> family
+
+
+def _register(module, config_from_hf, model_cls, checkpoints=None):
     for t in module.MODEL_TYPES:
-        _FAMILIES[t] = (config_cls, model_cls, module.CHECKPOINT)
+        ckpt = (checkpoints or {}).get(t, module.CHECKPOINT)
+        _FAMILIES[t] = _Family(config_from_hf, model_cls, ckpt, module.ARCHITECTURES[t])
 
 
-_register(llama, LlamaConfig, LlamaForCausalLM)
-_register(opt, opt.OPTConfig, opt.OPTForCausalLM)
-_register(gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel)
+_register(llama, llama.config_from_hf, DecoderForCausalLM)
+# Gemma 3 text models get the image-text names too: the text tower is saved as one of them.
+_GEMMA3 = {t: gemma.GEMMA3_CHECKPOINT for t in ("gemma3", "gemma3_text")}
+_register(gemma, gemma.config_from_hf, DecoderForCausalLM, _GEMMA3)
+_register(phi3, phi3.config_from_hf, DecoderForCausalLM)
+_register(opt, opt.OPTConfig.from_hf, opt.OPTForCausalLM)
+_register(gpt2, gpt2.GPT2Config.from_hf, gpt2.GPT2LMHeadModel)
 
 
 def checkpoint_map(model_type: str) -> CheckpointMap:
-    return _FAMILIES[model_type][2]
+    return _FAMILIES[model_type].checkpoint
+
+
+def architecture(model_type: str) -> str:
+    """The transformers class name a config.json of ``model_type`` lists in ``architectures``."""
+    return _FAMILIES[model_type].architecture
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -44,16 +71,16 @@ def model_for_config(hf_config: dict, dtype=jnp.float32, *, source: str = "confi
         raise ValueError(
             f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
-    config_cls, model_cls, _ = _FAMILIES[model_type]
+    family = _FAMILIES[model_type]
     _check_sizes(hf_config, source)
     try:
-        config = config_cls.from_hf(hf_config)
+        config = family.config_from_hf(hf_config)
     except KeyError as e:
         raise ValueError(
             f"{source}: model_type {model_type!r} needs the key {e.args[0]!r}"
         ) from None
     _check_heads(config, source)
-    return model_cls(config, dtype=jnp.dtype(dtype))
+    return family.model_cls(config, dtype=jnp.dtype(dtype))
 
 
 # config.json sizes that must be positive integers when present (any architecture)
@@ -92,6 +119,7 @@ def _check_heads(config, source: str) -> None:
 __all__ = [
     "CheckpointMap",
     "KVCache",
+    "architecture",
     "checkpoint_map",
     "model_for_config",
     "supported_model_types",

@@ -4,11 +4,13 @@ With query heads grouped by the KV head they read (``q [b, kv, g, s, d]``, head-
 ``P`` the softmax probabilities::
 
     S  = scale * q k^T      masked to -inf-like where the mask is false, float32
+                            (soft-capped: S = c tanh(scale * q k^T / c), Gemma 2)
     P  = softmax(S)         over the keys
     O  = P v
 
     dP = dO v^T
     dS = P * (dP - rowsum(dO * O))       (rowsum over d: equals rowsum(P * dP)); 0 where masked
+         (soft-capped: times 1 - (S / c)^2, the derivative of the cap)
     dq = scale * dS k,   dk = scale * dS^T q,   dv = P^T dO
 
 Every matmul takes its operands in the compute dtype and accumulates in float32. Autodiff
@@ -56,9 +58,15 @@ def query_blocks(s: int, t: int, causal: bool) -> list[tuple[int, int, int]]:
     return [(start, min(start + size, s), min(start + size, s)) for start in range(0, s, size)]
 
 
-def _probs(q, k, mask, scale):
-    """``softmax(scale * q k^T)`` over keys, masked, in float32: ``[b, kv, g, s, t]``."""
+def _scores(q, k, scale, softcap):
+    """``scale * q k^T``, soft-capped at ``softcap`` when given, float32 ``[b, kv, g, s, t]``."""
     scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, **_F32) * scale
+    return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+
+def _probs(q, k, mask, scale, softcap):
+    """``softmax(S)`` of the `_scores` over keys, masked, in float32."""
+    scores = _scores(q, k, scale, softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
 
@@ -67,15 +75,15 @@ def _concat_queries(parts):
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _grouped_attention(q, k, v, mask, scale: float, causal: bool):
-    return _fwd(q, k, v, mask, scale, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _grouped_attention(q, k, v, mask, scale: float, causal: bool, softcap: float | None):
+    return _fwd(q, k, v, mask, scale, causal, softcap)[0]
 
 
-def _fwd(q, k, v, mask, scale, causal):
+def _fwd(q, k, v, mask, scale, causal, softcap):
     outs, probs = [], []
     for q0, q1, end in query_blocks(q.shape[3], k.shape[2], causal):
-        p = _probs(q[:, :, :, q0:q1], k[:, :, :end], mask[:, q0:q1, :end], scale)
+        p = _probs(q[:, :, :, q0:q1], k[:, :, :end], mask[:, q0:q1, :end], scale, softcap)
         p = p.astype(v.dtype)
         outs.append(jnp.einsum("bkgst,bktd->bkgsd", p, v[:, :, :end], **_F32).astype(v.dtype))
         probs.append(p)
@@ -83,7 +91,7 @@ def _fwd(q, k, v, mask, scale, causal):
     return out, (q, k, v, mask, probs, out)
 
 
-def _bwd(scale, causal, residuals, d_out):
+def _bwd(scale, causal, softcap, residuals, d_out):
     q, k, v, mask, probs, out = residuals
     d_out = d_out.astype(v.dtype)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -93,6 +101,9 @@ def _bwd(scale, causal, residuals, d_out):
         d_o = d_out[:, :, :, q0:q1]
         d_p = jnp.einsum("bkgsd,bktd->bkgst", d_o, v[:, :, :end], **_F32)
         d_s = p.astype(jnp.float32) * (d_p - row[:, :, :, q0:q1, None]) * scale
+        if softcap is not None:  # the scores are recomputed: one matmul instead of a copy
+            capped = _scores(q[:, :, :, q0:q1], k[:, :, :end], scale, softcap) / softcap
+            d_s = d_s * (1.0 - capped * capped)
         # Masked scores are constants: no gradient, also in a fully masked (uniform) row.
         d_s = jnp.where(mask[:, None, None, q0:q1, :end], d_s, 0.0).astype(q.dtype)
         dq.append(jnp.einsum("bkgst,bktd->bkgsd", d_s, k[:, :, :end], **_F32))
@@ -112,6 +123,7 @@ def attention(
     scale: float,
     *,
     causal: bool = False,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query softmax attention.
 
@@ -122,7 +134,8 @@ def attention(
     ``causal=True`` promises that ``mask`` hides every key ``j > i`` from query ``i`` (queries
     and keys the same positions); the result is the same, computed in causal blocks (module
     doc), except for a query that sees no key at all: it averages the keys of its block.
-    Such a query (left padding) feeds no real token. Differentiable in ``q``, ``k`` and ``v``.
+    Such a query (left padding) feeds no real token. ``softcap``: scores ``c tanh(S / c)``
+    (Gemma 2). Differentiable in ``q``, ``k`` and ``v``.
     """
     b, s, h, d = q.shape
     kv = k.shape[2]
@@ -132,5 +145,6 @@ def attention(
     # [s, t] blocks; on the token-major layout XLA's CPU back end ran them 4-5x slower.
     q = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, s, d]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, d]
-    out = _grouped_attention(q, k, v, mask, float(scale), bool(causal))
+    cap = None if softcap is None else float(softcap)
+    out = _grouped_attention(q, k, v, mask, float(scale), bool(causal), cap)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h * d)

@@ -18,11 +18,16 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jqlora.models import common
-from jqlora.models.common import Embed, KVCache, LayerNorm, Linear
+from jqlora.models import cache as kv_cache
+from jqlora.models.attention import attention
+from jqlora.models.checkpoint_map import CheckpointMap
+from jqlora.models.head import CausalLM
+from jqlora.models.layer_list import LayerList
+from jqlora.models.layers import Embed, LayerNorm, Linear, activation, head_scale
 
 MODEL_TYPES = ("gpt2",)
-CHECKPOINT = common.CheckpointMap(
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel"}
+CHECKPOINT = CheckpointMap(
     ignore=(r".*\.attn\.bias", r".*\.attn\.masked_bias"),  # causal-mask buffers of old checkpoints
     transposed=(r".*\.(c_attn|c_proj|c_fc)\.weight",),
     prefix="transformer.",  # the original checkpoints name tensors "h.0.attn...", "wte.weight"
@@ -65,6 +70,10 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def cache_layout(self) -> tuple[int, int, int]:
+        return self.n_layer, self.n_head, self.head_dim
+
 
 class GPT2Block(nn.Module):
     config: GPT2Config
@@ -102,12 +111,12 @@ class GPT2Attention(nn.Module):
         shape = (b, s, c.n_head, c.head_dim)
         q, k, v = (t.reshape(shape) for t in jnp.split(qkv, 3, axis=-1))
         if cache_kv is not None:
-            k, v = cache_kv = common.write_cache(*cache_kv, k, v, cache_index)
-        scale = common.head_scale(c.head_dim) if c.scale_attn_weights else 1.0
+            k, v = cache_kv = kv_cache.write_cache(*cache_kv, k, v, cache_index)
+        scale = head_scale(c.head_dim) if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1
-        # Without a cache the mask is causal over this call's tokens (common.attention_mask).
-        out = common.attention(q, k, v, mask, scale, causal=cache_index is None)
+        # Without a cache the mask is causal over this call's tokens (cache.attention_mask).
+        out = attention(q, k, v, mask, scale, causal=cache_index is None)
         return Linear(c.n_embd, True, self.dtype, name="c_proj")(out), cache_kv
 
 
@@ -120,7 +129,7 @@ class GPT2MLP(nn.Module):
         c = self.config
         x = Linear(c.n_inner, True, self.dtype, name="c_fc")(x)
         return Linear(c.n_embd, True, self.dtype, name="c_proj")(
-            common.activation(c.activation_function)(x)
+            activation(c.activation_function)(x)
         )
 
 
@@ -134,46 +143,20 @@ class GPT2Model(nn.Module):
     def __call__(self, ids, attention_mask, positions, cache):
         c = self.config
         b, s = ids.shape
-        mask, valid = common.attention_mask(b, s, attention_mask, cache)
+        mask, valid = kv_cache.attention_mask(b, s, attention_mask, cache)
         if positions is None:
-            positions = common.default_positions(b, s, cache)
+            positions = kv_cache.default_positions(b, s, cache)
         h = Embed(c.vocab_size, c.n_embd, self.dtype, name="wte")(ids)
         h = h + Embed(c.n_positions, c.n_embd, self.dtype, name="wpe")(positions)
-        h, new_kv = common.LayerList(
+        h, new_kv = LayerList(
             GPT2Block, c, c.n_layer, self.dtype, self.remat, self.scan_layers, name="h"
         )(h, cache, mask)
         h = LayerNorm(c.layer_norm_epsilon, True, self.dtype, name="ln_f")(h)
-        return h, common.next_cache(cache, new_kv, valid, s)
+        return h, kv_cache.next_cache(cache, new_kv, valid, s)
 
 
-class GPT2LMHeadModel(common.CausalLMHead, nn.Module):
-    """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
-    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given);
-    ``hidden_only=True``: the final hidden states ``[b, s, hidden]`` instead (see
-    ``common.CausalLMHead``)."""
-
-    config: GPT2Config
-    dtype: jnp.dtype = jnp.float32
-    remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each block
-    scan_layers: bool = False
-
+class GPT2LMHeadModel(CausalLM):
+    __doc__ = CausalLM.__doc__
+    BACKBONE = GPT2Model
+    BACKBONE_NAME = "transformer"
     TIED_EMBEDDING = ("transformer", "wte", "weight")
-
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
-    ):
-        c = self.config
-        h, new_cache = GPT2Model(c, self.dtype, self.remat, self.scan_layers, name="transformer")(
-            input_ids, attention_mask, positions, cache
-        )
-        if hidden_only:
-            return h
-        logits = self.head_logits(h)
-        return logits if cache is None else (logits, new_cache)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        c = self.config
-        return common.init_cache(
-            c.n_layer, batch, max_len, c.n_head, c.head_dim, dtype or self.dtype
-        )

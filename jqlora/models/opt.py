@@ -18,11 +18,16 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jqlora.models import common
-from jqlora.models.common import Embed, KVCache, LayerNorm, Linear
+from jqlora.models import cache as kv_cache
+from jqlora.models.attention import attention
+from jqlora.models.checkpoint_map import CheckpointMap
+from jqlora.models.head import CausalLM
+from jqlora.models.layer_list import LayerList
+from jqlora.models.layers import Embed, LayerNorm, Linear, activation
 
 MODEL_TYPES = ("opt",)
-CHECKPOINT = common.CheckpointMap()
+ARCHITECTURES = {"opt": "OPTForCausalLM"}
+CHECKPOINT = CheckpointMap()
 POSITION_OFFSET = 2
 
 
@@ -67,6 +72,10 @@ class OPTConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def cache_layout(self) -> tuple[int, int, int]:
+        return self.num_hidden_layers, self.num_attention_heads, self.head_dim
+
 
 class OPTAttention(nn.Module):
     config: OPTConfig
@@ -83,9 +92,9 @@ class OPTAttention(nn.Module):
         shape = (b, s, c.num_attention_heads, c.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         if cache_kv is not None:
-            k, v = cache_kv = common.write_cache(*cache_kv, k, v, cache_index)
-        # Without a cache the mask is causal over this call's tokens (common.attention_mask).
-        out = common.attention(q, k, v, mask, 1.0, causal=cache_index is None)
+            k, v = cache_kv = kv_cache.write_cache(*cache_kv, k, v, cache_index)
+        # Without a cache the mask is causal over this call's tokens (kv_cache.attention_mask).
+        out = attention(q, k, v, mask, 1.0, causal=cache_index is None)
         return proj("out_proj")(out), cache_kv
 
 
@@ -109,7 +118,7 @@ class OPTDecoderLayer(nn.Module):
         x = ffn_norm(h) if pre else h
         x = Linear(c.ffn_dim, c.enable_bias, self.dtype, name="fc1")(x)
         h = h + Linear(c.hidden_size, c.enable_bias, self.dtype, name="fc2")(
-            common.activation(c.activation_function)(x)
+            activation(c.activation_function)(x)
         )
         if not pre:
             h = ffn_norm(h)
@@ -126,7 +135,7 @@ class OPTDecoder(nn.Module):
     def __call__(self, ids, attention_mask, positions, cache):
         c = self.config
         b, s = ids.shape
-        mask, valid = common.attention_mask(b, s, attention_mask, cache)
+        mask, valid = kv_cache.attention_mask(b, s, attention_mask, cache)
         if positions is None:
             positions = _default_positions(b, s, attention_mask, cache)
         embed = Embed(c.vocab_size, c.word_embed_proj_dim, self.dtype, name="embed_tokens")
@@ -140,7 +149,7 @@ class OPTDecoder(nn.Module):
             name="embed_positions",
         )
         h = h + table(positions + POSITION_OFFSET)
-        layers = common.LayerList(
+        layers = LayerList(
             OPTDecoderLayer,
             c,
             c.num_hidden_layers,
@@ -154,7 +163,7 @@ class OPTDecoder(nn.Module):
             h = LayerNorm(1e-5, c.layer_norm_affine, self.dtype, name="final_layer_norm")(h)
         if c.word_embed_proj_dim != c.hidden_size:
             h = Linear(c.word_embed_proj_dim, False, self.dtype, name="project_out")(h)
-        return h, common.next_cache(cache, new_kv, valid, s)
+        return h, kv_cache.next_cache(cache, new_kv, valid, s)
 
 
 def _default_positions(b, s, attention_mask, cache):
@@ -165,44 +174,6 @@ def _default_positions(b, s, attention_mask, cache):
     )
     before = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
     return (jnp.cumsum(new, axis=1) + before) * new - 1
-
-
-class OPTForCausalLM(common.CausalLMHead, nn.Module):
-    """``apply({"params": p[, "lora": l]}, input_ids, attention_mask=None, positions=None,
-    cache=None)`` -> logits ``[b, s, vocab]`` (and the new cache when one is given);
-    ``hidden_only=True``: the final hidden states ``[b, s, hidden]`` instead (see
-    ``common.CausalLMHead``)."""
-
-    config: OPTConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each decoder layer
-    scan_layers: bool = False
-
-    TIED_EMBEDDING = ("model", "decoder", "embed_tokens", "weight")
-
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, positions=None, cache=None, hidden_only=False
-    ):
-        c = self.config
-        h, new_cache = OPTModel(c, self.dtype, self.remat, self.scan_layers, name="model")(
-            input_ids, attention_mask, positions, cache
-        )
-        if hidden_only:
-            return h
-        logits = self.head_logits(h)
-        return logits if cache is None else (logits, new_cache)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        c = self.config
-        return common.init_cache(
-            c.num_hidden_layers,
-            batch,
-            max_len,
-            c.num_attention_heads,
-            c.head_dim,
-            dtype or self.dtype,
-        )
 
 
 class OPTModel(nn.Module):
@@ -216,3 +187,9 @@ class OPTModel(nn.Module):
         return OPTDecoder(self.config, self.dtype, self.remat, self.scan_layers, name="decoder")(
             ids, attention_mask, positions, cache
         )
+
+
+class OPTForCausalLM(CausalLM):
+    __doc__ = CausalLM.__doc__
+    BACKBONE = OPTModel
+    TIED_EMBEDDING = ("model", "decoder", "embed_tokens", "weight")

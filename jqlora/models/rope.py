@@ -9,6 +9,10 @@ Every variant starts from ``inv_freq_i = base^(-2i/d)``, ``i < d/2``:
   computed inside the forward pass.
 * ``llama3``: long wavelengths (``> orig / low_freq_factor``) divided by ``factor``, short
   ones (``< orig / high_freq_factor``) kept, a linear blend in between.
+* ``longrope`` (Phi-3): ``inv_freq / ext`` with ``ext`` the config's ``long_factor`` when
+  the longest sequence seen (``max position + 1``) passes ``original_max_position_embeddings``,
+  else its ``short_factor`` (so chosen inside the forward pass); cos and sin scaled by
+  ``attention_factor`` (default ``sqrt(1 + ln(f) / ln(orig))``, ``f = max_pos / orig``).
 * ``yarn``: blend of extrapolated (``inv_freq``) and interpolated (``inv_freq / factor``)
   frequencies with a linear ramp over the correction range given by ``beta_fast``,
   ``beta_slow``; cos and sin are scaled by ``attention_factor`` (default
@@ -19,20 +23,25 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
-def rope_parameters(hf_config: dict) -> dict:
+def rope_parameters(hf_config: dict, params: dict | None = None, theta: float = 10000.0) -> dict:
     """The RoPE settings of a config.json, in transformers 5's ``rope_parameters`` form.
 
     Accepts both the new form (``rope_parameters`` with ``rope_theta`` inside) and the old one
-    (``rope_theta`` at top level, ``rope_scaling`` with ``type`` or ``rope_type``).
+    (``rope_theta`` at top level, ``rope_scaling`` with ``type`` or ``rope_type``). ``params``:
+    one layer type's dict of a per-layer-type config instead (Gemma 3); ``theta``: the base
+    when the config names none.
     """
-    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf_config.get("rope_theta") or 10000.0)
+    if params is None:
+        params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling")
+    params = dict(params or {})
+    params.setdefault("rope_theta", hf_config.get("rope_theta") or theta)
     params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
     if params["rope_type"] not in ROPE_TYPES:
         raise ValueError(
@@ -122,3 +131,78 @@ def dynamic_inv_freq(
     )
     exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     return 1.0 / (base**exponent)
+
+
+def longrope_inv_freq(
+    params: dict, dim: int, max_position_embeddings: int, positions
+) -> tuple[jnp.ndarray, float]:
+    """LongRoPE ``(inv_freq, attention_scale)`` for the longest sequence in ``positions``."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_position_embeddings / original
+    scale = params.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base = _base_inv_freq(float(params["rope_theta"]), dim)
+    short = base / np.asarray(params["short_factor"], np.float32)
+    long = base / np.asarray(params["long_factor"], np.float32)
+    use_long = jnp.max(positions) + 1 > original
+    return jnp.where(use_long, jnp.asarray(long), jnp.asarray(short)), float(scale)
+
+
+def rope_for(
+    params: dict, dim: int, max_position_embeddings: int, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`rope_tables` of ``positions`` for RoPE settings ``params`` over ``dim`` rotated
+    dimensions of each head (``head_dim`` times a partial rotary factor)."""
+    kind = params["rope_type"]
+    if kind == "dynamic":
+        inv_freq = dynamic_inv_freq(params, dim, max_position_embeddings, positions)
+        scale = 1.0
+    elif kind == "longrope":
+        inv_freq, scale = longrope_inv_freq(params, dim, max_position_embeddings, positions)
+    else:
+        static, scale = static_inv_freq(params, dim, max_position_embeddings)
+        inv_freq = jnp.asarray(static)
+    return rope_tables(positions, inv_freq, scale)
+
+
+def rope_tables(
+    positions: jax.Array, inv_freq: jax.Array, attention_scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """``(cos, signed_sin)`` of the rotary angles, ``[b, s, 1, d]`` float32, for `apply_rope`.
+
+    ``positions: [b, s]``, ``inv_freq: [d/2]`` (float32). With ``a = pos * inv_freq``:
+    ``cos = [cos a, cos a]`` and ``signed_sin = [-sin a, sin a]``, both times
+    ``attention_scale`` (YaRN). A model computes them once per call and hands them to every
+    layer: computed inside each layer's rotation, XLA evaluated cos and sin once per element
+    of every head, in a loop its CPU back end does not vectorize (an eighth of a SmolLM2
+    layer's forward and backward time on a CPU).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles) * attention_scale
+    sin = jnp.sin(angles) * attention_scale
+    return (
+        jnp.concatenate([cos, cos], axis=-1)[:, :, None, :],
+        jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :],
+    )
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, signed_sin: jax.Array) -> jax.Array:
+    """Rotary embedding, transformers' "rotate half" convention: ``x * cos +
+    rotate_half(x) * sin`` with ``rotate_half([x1, x2]) = [-x2, x1]``.
+
+    ``x: [b, s, h, d]``; ``cos, signed_sin: [b, s, 1, d]`` from `rope_tables`. Computed as
+    ``x * cos + [x2, x1] * signed_sin`` (the same products): the halves swapped without a
+    negation fuse into the head-major transpose that follows ~3x faster on a CPU. Tables
+    narrower than ``d`` (a partial rotary factor, Phi-3) rotate the first ``r`` dimensions
+    of each head and pass the rest through.
+    """
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        rotated = apply_rope(x[..., :rotary], cos, signed_sin)
+        return jnp.concatenate([rotated, x[..., rotary:]], axis=-1)
+    # In float32 and rounded once: bfloat16 arithmetic on a CPU rounds after every operation.
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    swapped = jnp.concatenate([x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + swapped * signed_sin).astype(x.dtype)

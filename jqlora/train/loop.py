@@ -99,7 +99,7 @@ def finetune(
     and batches on the devices of this process; default: one device. ``remat=True``
     recomputes each decoder layer in the backward pass; ``scan_layers=True`` runs the layers
     as one loop, so XLA compiles one layer instead of all of them (on a CPU each step is
-    slower; with ``remat`` the step needs far less memory: ``jqlora.models.common.LayerList``).
+    slower; with ``remat`` the step needs far less memory: ``jqlora.models.layer_list.LayerList``).
 
     A step whose loss, gradients or update hold NaN or inf never changes the adapters or
     the optimizer state. ``on_nonfinite="stop"`` (default) then ends the run with

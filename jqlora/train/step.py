@@ -44,7 +44,7 @@ module fields are set through ``Module.clone`` when the model declares them:
   decoder-layer class in ``nn.remat(..., policy=getattr(jax.checkpoint_policies, remat))``;
 * ``scan_layers``: run the decoder layers as one loop (one compiled layer body) instead of
   unrolled. jqlora's models take the same per-layer params tree either way and stack it
-  inside the step (``jqlora.models.common.LayerList``).
+  inside the step (``jqlora.models.layer_list.LayerList``).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def loss_fn(
     ``rng`` turns LoRA dropout on.
 
     A model that names its output head (``head_weight_path``, see
-    ``models.common.CausalLMHead``) whose head is a plain frozen weight returns its hidden
+    ``models.head.CausalLM``) whose head is a plain frozen weight returns its hidden
     states and the head runs inside the loss (``head_loss.fused_next_token_loss``), a chunk
     of tokens at a time; otherwise the loss reads the model's full logits.
     """
@@ -202,6 +202,8 @@ def _plain_head_weight(model, params, lora) -> jax.Array | None:
     if path_of is None:
         return None
     path = path_of()
+    if path is None:  # a head that is more than a matmul (soft-capped logits)
+        return None
     weight, adapter = params, lora
     for key in path:
         weight = weight.get(key) if isinstance(weight, Mapping) else None
