@@ -27,7 +27,8 @@ TEXT = (
 TEXTS = [TEXT, "user assistant system", "What is 17 plus 25? Answer: 42."] * 4
 
 
-def _config(family: str, vocab: int):
+def _config(family: str, vocab: int, **overrides):
+    import transformers
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -39,7 +40,19 @@ def _config(family: str, vocab: int):
         return LlamaConfig(**common, head_dim=32, rope_theta=50000.0, tie_word_embeddings=False)
     if family == "qwen2":  # q/k/v biases, tied embeddings, NeoX RoPE (no q/k row reordering)
         return Qwen2Config(**common, tie_word_embeddings=True)
-    return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    # transformers' GGUF loader drops Qwen3's key_length, Gemma 2's soft-caps and
+    # query_pre_attn_scalar, Phi-3's partial rotary factor: these use its defaults for them
+    # (head_dim 128 / 256), so its model is the exported one
+    extra = {
+        "qwen3": dict(head_dim=128, tie_word_embeddings=False),  # q/k norms
+        "gemma2": dict(head_dim=256, sliding_window=4),  # 4 norms, soft-caps, window
+        "gemma3": dict(head_dim=256, sliding_window=4, num_hidden_layers=6),  # q/k norms
+        "phi3": dict(tie_word_embeddings=False),  # fused qkv_proj and gate_up_proj
+    }[family]  # fmt: skip
+    cls = {"qwen3": "Qwen3Config", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}
+    return getattr(transformers, cls.get(family, "Phi3Config"))(**{**common, **extra, **overrides})
 
 
 def _relative_error(got, want) -> float:
@@ -54,7 +67,16 @@ def _transformers_gguf(path):
     ).eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+# Phi-3's fused matrices take the place of Llama's q/k/v and gate/up
+PHI3_LORA = dict(
+    target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 3},
+)  # fmt: skip
+
+
+@pytest.fixture(
+    scope="module", params=["llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3"]
+)
 def tiny(request, tmp_path_factory):
     """A tiny model of the family with a byte-level BPE tokenizer, a PEFT adapter with
     per-module ranks and alphas, the ids of TEXT, and the merged model's logits."""
@@ -69,7 +91,10 @@ def tiny(request, tmp_path_factory):
     tok = make_tokenizer(TEXTS)
     make_tiny(_config(request.param, len(tok)), tmp / "base")
     tok.save_pretrained(tmp / "base")
-    peft_model = get_peft_model(load_torch(tmp / "base"), peft_config("llama", "plain"))
+    lora_kwargs = PHI3_LORA if request.param == "phi3" else {}
+    peft_model = get_peft_model(
+        load_torch(tmp / "base"), peft_config("llama", "plain", **lora_kwargs)
+    )
     peft_model.save_pretrained(tmp / "adapter")
     ids = np.asarray([tok(TEXT)["input_ids"]])
     model, params = load_hf(tmp / "base", dtype=jnp.float32)
@@ -106,7 +131,7 @@ def test_merged_q8_0_export_is_close(tiny):
     )
     reader = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type for t in reader.tensors}
-    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_output.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     got = torch_logits(_transformers_gguf(out), tiny["ids"])
     # The exact reference: the merged model with each matrix rounded through Q8_0 (gguf.quants;
@@ -119,8 +144,9 @@ def test_merged_q8_0_export_is_close(tiny):
     want = jqlora_logits(tiny["model"], names_lib.unflatten(rounded), tiny["ids"])
     assert _relative_error(got, want) <= 1e-4  # measured: 0.8-1e-6
     # against the unrounded model: 8-bit rounding (0.5 % RMS per matrix) moves the logits of
-    # a random tiny model by up to 3.5 % of their range (measured; 1.7-3.5 % by family)
-    assert _relative_error(got, tiny["merged"]) <= 1e-1
+    # a random tiny model by up to 3.5 % of their range (measured; 1.7-3.5 % by family, 33 %
+    # for the six-layer Gemma 3, whose (1 + w) norms and embedding scale amplify it)
+    assert _relative_error(got, tiny["merged"]) <= (0.6 if tiny["family"] == "gemma3" else 1e-1)
 
 
 def test_tokenizer_read_back_encodes_like_the_source(tiny):
@@ -167,11 +193,13 @@ def test_adapter_gguf_applied_by_hand_gives_the_merged_model(tiny):
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
     assert reader.fields["general.architecture"].contents() == (
-        "qwen2" if tiny["family"] == "qwen2" else "llama"
+        "llama" if tiny["family"] == "mistral" else tiny["family"]
     )
     alpha = reader.fields["adapter.lora.alpha"].contents()
     lora = {t.name: np.asarray(t.data, np.float32) for t in reader.tensors}
-    assert len(lora) == 2 * 7 * 2  # a and b of 7 projections in 2 layers
+    projections = len(PHI3_LORA["target_modules"]) if tiny["family"] == "phi3" else 7
+    layers = tiny["model"].config.hf["num_hidden_layers"]
+    assert len(lora) == 2 * projections * layers  # a and b of each projection
     weights = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(base)).tensors}
     merged = {}
     for name in lora:
@@ -298,6 +326,46 @@ def test_bad_requests_are_one_line_errors(tiny, tmp_path, capsys):
     assert main(["export", "--model", base, "--out", str(tmp_path / "x.bin")]) == 2
     assert "ending in .gguf" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+# What transformers' GGUF loader drops, so the logits tests above keep its defaults
+DROPPED = {
+    "qwen3": dict(head_dim=32),
+    "gemma2": dict(head_dim=32, attn_logit_softcapping=40.0, final_logit_softcapping=20.0),
+    "gemma3": dict(rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "phi3": dict(partial_rotary_factor=0.5),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DROPPED))
+def test_keys_transformers_drops_read_back(family, tmp_path):
+    """Against jqlora's GGUF reader (test_gguf_files.py checks it against transformers' loader
+    and llama.cpp's converter): the config values transformers' loader drops come back, and
+    every tensor is the source's exactly (f32)."""
+    from transformers import AutoModelForCausalLM
+
+    from jqlora.hf.gguf_io import read_gguf
+
+    tok = make_tokenizer(TEXTS)
+    config = _config(family, len(tok), **DROPPED[family])
+    source = make_tiny(config, tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "x.gguf"
+    argv = ["export", "--model", str(tmp_path / "base"), "--out", str(out), "--outtype", "f32"]
+    assert main(argv) == 0
+    got, _, stream = read_gguf(out)
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "base").config.to_dict()
+    for key in ("head_dim", "attn_logit_softcapping", "final_logit_softcapping",
+                "partial_rotary_factor", "sliding_window", "rope_parameters"):  # fmt: skip
+        assert got.get(key) == want.get(key), key
+    state = {k: v.numpy() for k, v in source.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    tensors = {name: array for _, name, array in stream}
+    assert tensors.keys() == state.keys()
+    for name, array in tensors.items():
+        # exact, but for Gemma's norms: (1 + w) - 1 rounds w to float32's spacing at 1
+        np.testing.assert_allclose(array, state[name], rtol=0, atol=1.2e-7, err_msg=name)
 
 
 @pytest.mark.slow

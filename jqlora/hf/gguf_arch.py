@@ -152,9 +152,8 @@ GGUF_ARCHITECTURES = {  # llama.cpp architecture -> GGUFArch
 }  # fmt: skip
 # Hugging Face model_type -> the architecture it is written as
 EXPORT_ARCHITECTURES = {
-    "llama": GGUF_ARCHITECTURES["llama"],
+    **{a.model_type: a for a in GGUF_ARCHITECTURES.values()},
     "mistral": GGUF_ARCHITECTURES["llama"],  # llama.cpp runs Mistral as llama
-    "qwen2": GGUF_ARCHITECTURES["qwen2"],
 }
 
 

@@ -4,8 +4,10 @@ Reading (``gguf_config``): each ``{arch}.*`` key the file holds sets its config 
 get transformers' defaults (``AutoConfig.for_model``), as in transformers' GGUF loader.
 Writing (``gguf_hparams``): each config key, with those defaults filled in, is written as its
 GGUF key (``float`` as F32, ``int`` as U32), plus what llama.cpp needs beyond the table: the
-key/value head size where it is not ``hidden / heads``, the RoPE scaling, and for ``llama3``
-RoPE the ``rope_freqs`` tensor (llama.cpp divides each frequency by its entry).
+key/value head size where it is not ``hidden / heads``, the RoPE scaling, for ``llama3`` RoPE
+the ``rope_freqs`` tensor (llama.cpp divides each frequency by its entry), Phi-3's rotated
+dimensions ``head_dim * partial_rotary_factor`` (read back as that factor), and Gemma 3's
+sliding-layer RoPE base (``rope.freq_base_swa``; the global layers' is ``rope.freq_base``).
 """
 
 from __future__ import annotations
@@ -89,20 +91,30 @@ def gguf_config(reader, path: Path) -> dict:
     return config
 
 
+def _ropes(hf: dict) -> tuple[dict, dict | None]:
+    """``(rope, sliding-layer rope or None)``: Gemma 3 has one per layer type."""
+    if hf.get("model_type") == "gemma3_text":
+        from jqlora.models.gemma import gemma3_ropes
+
+        ropes = gemma3_ropes(hf)
+        return ropes["full_attention"], ropes["sliding_attention"]
+    return rope_lib.rope_parameters(hf), None
+
+
 def _filled(hf: dict) -> dict:
     """``hf`` with the defaults transformers fills in for the keys GGUF needs."""
     heads = hf["num_attention_heads"]
     window = hf.get("sliding_window")
-    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+    if hf.get("model_type") in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
+    rope, _ = _ropes(hf)
     return {
         **hf,
         "max_position_embeddings": hf.get("max_position_embeddings", 2048),
         "num_key_value_heads": hf.get("num_key_value_heads") or heads,
         "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
         "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "rope_parameters": rope_lib.rope_parameters(hf),
-        "rope_theta": float(rope_lib.rope_parameters(hf)["rope_theta"]),
+        "rope_theta": float(rope["rope_theta"]),
         "sliding_window": window,
     }
 
@@ -118,8 +130,20 @@ def gguf_hparams(arch: GGUFArch, hf: dict) -> tuple[list[KeyValue], dict[str, np
             keys[f"{{arch}}.{key}"] = (value, _F32 if isinstance(value, float) else _U32)
     if c["head_dim"] != c["hidden_size"] // c["num_attention_heads"]:
         keys[att.KEY_LENGTH] = keys[att.VALUE_LENGTH] = (c["head_dim"], _U32)
+    if arch.name == "phi3":  # partial rotary: llama.cpp rotates the first n_rot dims
+        rotary = c["head_dim"] * c.get("partial_rotary_factor", 1.0)
+        keys[rope.DIMENSION_COUNT] = (int(rotary), _U32)
+    if arch.name.startswith("gemma") and c.get("query_pre_attn_scalar", 256) != c["head_dim"]:
+        warnings.warn(
+            "GGUF export: query_pre_attn_scalar differs from head_dim; llama.cpp scales q.k "
+            "by head_dim^-1/2 (hidden/heads for 27B models), so its outputs may differ",
+            UserWarning,
+            stacklevel=3,
+        )
+    p, sliding = _ropes(hf)
+    if sliding is not None:  # Gemma 3's local layers
+        keys[rope.FREQ_BASE_SWA] = (float(sliding["rope_theta"]), _F32)
     extra: dict[str, np.ndarray] = {}
-    p = c["rope_parameters"]
     kind = p["rope_type"]
     if kind in ("linear", "yarn"):
         keys[rope.SCALING_TYPE] = (kind, _STR)
