@@ -120,7 +120,7 @@ def test_config_that_is_not_a_json_object(copy, text, message):
 def test_unknown_model_type_lists_the_supported_ones(copy, model_type):
     with pytest.raises(
         ValueError,
-        match=r"config.json: unsupported model_type .*; supported: gpt2, llama, mistral, opt, qwen2",
+        match=r"config.json: unsupported model_type .*; supported: gemma2, gemma3, gemma3_text, gpt2, llama, mistral, opt, phi3, qwen2, qwen3",
     ):
         jqlora.load_hf(edit_config(copy, model_type=model_type))
 
