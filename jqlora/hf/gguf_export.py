@@ -111,7 +111,7 @@ def _order(gguf_name: str) -> tuple:
     return (0 if parts[0] in ("token_embd", "rope_freqs") else 2, 0, gguf_name)
 
 
-def _model_tensors(model, params, lora, outtype) -> Iterator[_Tensor]:
+def _model_tensors(model, params, lora, outtype, extra) -> Iterator[_Tensor]:
     hf = model.config.hf
     arch = arch_for_export(hf)
     entries = {dotted(path) + ".weight": entry for path, entry in adapters(lora or {})}
@@ -128,7 +128,6 @@ def _model_tensors(model, params, lora, outtype) -> Iterator[_Tensor]:
 
         shape = tuple(leaf.shape)
         yield _Tensor(_gguf_name(arch, name, hf), shape, _storage_type(shape, outtype), compute)
-    _, extra = gguf_hparams(arch, hf)
     for name, value in extra.items():
         yield _Tensor(name, value.shape, Q.F32, functools.partial(np.asarray, value))
 
@@ -189,13 +188,13 @@ def save_gguf(
     arch = arch_for_export(hf)
     if lora:
         check_lora(params, lora)
-    tensors = list(_model_tensors(model, params, lora, outtype))
+    keys, extra = gguf_hparams(arch, hf)  # once: it may warn
+    tensors = list(_model_tensors(model, params, lora, outtype, extra))
 
     def metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_file_type(_FILE_TYPES[outtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        keys, _ = gguf_hparams(arch, hf)
         for key, value, vtype in keys:
             writer.add_key_value(key.format(arch=arch.name), value, vtype)
         add_tokenizer(writer, tokenizer, hf["vocab_size"])
