@@ -25,6 +25,7 @@ def test_every_option_is_described_with_its_default():
         "finetune",
         "estimate-memory",
         "merge",
+        "export",
         "generate",
         "chat",
     }

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "finetune": "jqlora.app.finetune_cli",
     "estimate-memory": "jqlora.app.memory_cli",
     "merge": "jqlora.app.merge_cli",
+    "export": "jqlora.app.export_cli",
     "generate": "jqlora.app.generate_cli",
     "chat": "jqlora.app.generate_cli",
 }

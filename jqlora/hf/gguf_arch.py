@@ -1,59 +1,65 @@
-"""What each GGUF architecture means in Hugging Face terms: tensor names, the transformers
-config, and how a stored tensor becomes the Hugging Face one.
+"""Each llama.cpp architecture in Hugging Face terms, for reading (``gguf_io``) and writing
+(``gguf_export``) GGUF files: one ``GGUFArch`` per architecture.
 
-One ``GGUFArch`` per llama.cpp architecture jqlora reads. The names follow llama.cpp's
-``convert_hf_to_gguf`` (gguf's ``TENSOR_NAMES``) backwards; the config is built by the
-transformers config class of the model type from the GGUF metadata, so every key the file
-does not carry gets transformers' default, as in transformers' own GGUF loader. Where that
-loader drops a key the file does carry (``attention.key_length`` of Qwen3, Gemma 2's
-soft-caps, Phi-3's partial rotary factor, Gemma 3's linear RoPE scaling), it is read here.
+Tensor names come from the ``gguf`` package's own table (``gguf.get_tensor_name_map``, the
+one llama.cpp's ``convert_hf_to_gguf`` uses: ``model.layers.0.self_attn.q_proj.weight`` ->
+``blk.0.attn_q.weight``), forwards when writing and inverted when reading; an architecture
+lists only the Hugging Face modules of its blocks. Hyperparameters are one table of GGUF
+key (after ``"<arch>."``) -> transformers config key, read into a config with transformers'
+defaults for the keys a file lacks (as transformers' GGUF loader does) and written from the
+config. Where that loader drops a key the file does carry (``attention.key_length`` of Qwen3,
+Gemma 2's soft-caps, Phi-3's partial rotary factor, Gemma 3's linear RoPE scaling), it is
+read here.
+
+Stored tensors differ from Hugging Face's in two ways:
+
+- RoPE layout: Hugging Face rotates the two halves of each head (``x_i`` with ``x_{i+d/2}``);
+  llama.cpp's ``llama`` architecture rotates adjacent pairs (``x_{2i}`` with ``x_{2i+1}``),
+  so q_proj and k_proj (weight and bias) are stored with the rows of each head reordered,
+  HF row ``a * d/2 + b`` -> GGUF row ``2b + a`` (``permute_rows``, inverse
+  ``unpermute_rows``). Architectures llama.cpp runs with NeoX (half-split) RoPE store the
+  rows as Hugging Face does.
+- Gemma's RMSNorms compute ``(1 + w) x``; llama.cpp stores ``1 + w`` (``norm_offset``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from pathlib import Path
+import functools
 
+import gguf
 import numpy as np
 
-# llama.cpp block tensor -> Hugging Face module, shared by the Llama-like families
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-# Gemma 2/3: four norms per block; llama.cpp's "ffn_norm" is the pre-feed-forward one
-_GEMMA_BLOCK = {
-    **_LLAMA_BLOCK,
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-_PHI3_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_qkv": "self_attn.qkv_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_up": "mlp.gate_up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
-# GGUF metadata key (after "<arch>.") -> transformers config key, for every architecture
-_COMMON_KEYS = {
+def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF q/k rows -> llama.cpp's order: within each head HF row ``a * d/2 + b`` becomes row ``2b + a``."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of ``permute_rows``: GGUF row ``2b + a`` -> HF row ``a * d/2 + b``."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GLOBAL = ("model.embed_tokens", "model.norm", "lm_head")
+_LLAMA_BLOCK = (
+    "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj",
+)  # fmt: skip
+_QK_NORM = ("self_attn.q_norm", "self_attn.k_norm")
+# Gemma 2/3: four norms per block (gguf's table maps them per architecture)
+_GEMMA_BLOCK = (*_LLAMA_BLOCK, "pre_feedforward_layernorm", "post_feedforward_layernorm")
+# Phi-3: fused q/k/v and gate/up matrices, stored fused by llama.cpp too
+_PHI3_BLOCK = (
+    "input_layernorm", "self_attn.qkv_proj", "self_attn.o_proj", "post_attention_layernorm",
+    "mlp.gate_up_proj", "mlp.down_proj",
+)  # fmt: skip
+
+# GGUF key (after "<arch>.") -> transformers config key, for every architecture
+COMMON_KEYS = {
     "context_length": "max_position_embeddings",
     "block_count": "num_hidden_layers",
     "feed_forward_length": "intermediate_size",
@@ -64,122 +70,99 @@ _COMMON_KEYS = {
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
 }
-_REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
+_GEMMA_KEYS = {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"}
+
+
+@functools.cache
+def _name_map(arch_name: str, n_layers: int) -> gguf.TensorNameMap:
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name)
+    return gguf.get_tensor_name_map(arch, n_layers)
 
 
 @dataclasses.dataclass(frozen=True)
 class GGUFArch:
-    """One llama.cpp architecture: its transformers model type and how its tensors map."""
+    """name: llama.cpp's ``general.architecture``. model_type: the transformers model type a
+    file of it reads as. block: the Hugging Face modules of a block. keys: hyperparameters
+    beyond ``COMMON_KEYS``. permute_qk: q/k rows in llama.cpp's interleaved-pair RoPE order.
+    norm_offset: added to every norm weight when stored."""
 
+    name: str
     model_type: str
-    block: dict
-    extra_keys: dict = dataclasses.field(default_factory=dict)  # beyond _COMMON_KEYS
-    permute_qk: bool = False  # llama.cpp interleaves q/k rows for its RoPE (llama only)
-    norm_offset: float = 0.0  # Gemma stores its (1 + w) norms as 1 + w
+    block: tuple[str, ...]
+    keys: dict = dataclasses.field(default_factory=dict)
+    permute_qk: bool = False
+    norm_offset: float = 0.0
 
-    def hf_name(self, gguf_name: str) -> str | None:
-        """The Hugging Face parameter name of a GGUF tensor, or None if it has none."""
-        if gguf_name in _GLOBAL:
-            return _GLOBAL[gguf_name]
-        m = _BLOCK.fullmatch(gguf_name)
-        if m and m.group(2) in self.block:
-            return f"model.layers.{m.group(1)}.{self.block[m.group(2)]}.{m.group(3)}"
+    def gguf_name(self, hf_name: str, n_layers: int) -> str | None:
+        """llama.cpp's name of a Hugging Face parameter, or None if it has none."""
+        return _name_map(self.name, n_layers).get_name(hf_name, (".weight", ".bias"))
+
+    def hf_names(self, n_layers: int) -> dict[str, str]:
+        """``{GGUF name: Hugging Face name}`` of every tensor a file of ``n_layers`` may hold."""
+        modules = [*_GLOBAL]
+        modules += [f"model.layers.{i}.{m}" for i in range(n_layers) for m in self.block]
+        names = {}
+        for module in modules:
+            for suffix in (".weight", ".bias"):
+                name = self.gguf_name(module + suffix, n_layers)
+                if name is not None:
+                    names[name] = module + suffix
+        return names
+
+    def _qk_heads(self, hf_name: str, config: dict) -> int | None:
+        if self.permute_qk and ".q_proj." in hf_name:
+            return config["num_attention_heads"]
+        if self.permute_qk and ".k_proj." in hf_name:
+            return config.get("num_key_value_heads") or config["num_attention_heads"]
         return None
 
-    def to_hf(self, array: np.ndarray, gguf_name: str, config: dict) -> np.ndarray:
+    def to_hf(self, array: np.ndarray, hf_name: str, config: dict) -> np.ndarray:
         """A dequantized GGUF tensor -> the Hugging Face tensor, computed in the dtype
         ``gguf.quants.dequantize`` returned, as transformers' tensor processors do."""
-        if self.permute_qk and ".attn_q." in gguf_name:
-            array = unpermute_rows(array, config["num_attention_heads"])
-        elif self.permute_qk and ".attn_k." in gguf_name:
-            array = unpermute_rows(array, config["num_key_value_heads"])
-        if self.norm_offset and "norm.weight" in gguf_name:
+        heads = self._qk_heads(hf_name, config)
+        if heads is not None:
+            array = unpermute_rows(array, heads)
+        if self.norm_offset and "norm.weight" in hf_name:
             array = array - self.norm_offset
         return array
 
+    def from_hf(self, array: np.ndarray, hf_name: str, config: dict) -> np.ndarray:
+        """A Hugging Face tensor -> the tensor llama.cpp stores (the inverse of ``to_hf``)."""
+        heads = self._qk_heads(hf_name, config)
+        if heads is not None:
+            array = permute_rows(array, heads)
+        if self.norm_offset and "norm.weight" in hf_name:
+            array = array + np.asarray(self.norm_offset, array.dtype)
+        return array
 
-GGUF_ARCHITECTURES = {
-    "llama": GGUFArch("llama", _LLAMA_BLOCK,
+
+GGUF_ARCHITECTURES = {  # llama.cpp architecture -> GGUFArch
+    "llama": GGUFArch("llama", "llama", _LLAMA_BLOCK,
                       {"rope.dimension_count": "head_dim"}, permute_qk=True),
-    "qwen2": GGUFArch("qwen2", _LLAMA_BLOCK),
-    "qwen3": GGUFArch("qwen3", {**_LLAMA_BLOCK, **_QK_NORM},
+    "qwen2": GGUFArch("qwen2", "qwen2", _LLAMA_BLOCK),
+    "qwen3": GGUFArch("qwen3", "qwen3", (*_LLAMA_BLOCK, *_QK_NORM),
                       {"attention.key_length": "head_dim"}),
-    "gemma2": GGUFArch("gemma2", _GEMMA_BLOCK,
-                       {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window",
-                        "attn_logit_softcapping": "attn_logit_softcapping",
+    "gemma2": GGUFArch("gemma2", "gemma2", _GEMMA_BLOCK,
+                       {**_GEMMA_KEYS, "attn_logit_softcapping": "attn_logit_softcapping",
                         "final_logit_softcapping": "final_logit_softcapping"},
                        norm_offset=1.0),
-    "gemma3": GGUFArch("gemma3_text", {**_GEMMA_BLOCK, **_QK_NORM},
-                       {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+    "gemma3": GGUFArch("gemma3", "gemma3_text", (*_GEMMA_BLOCK, *_QK_NORM), _GEMMA_KEYS,
                        norm_offset=1.0),
-    "phi3": GGUFArch("phi3", _PHI3_BLOCK),
+    "phi3": GGUFArch("phi3", "phi3", _PHI3_BLOCK),
 }  # fmt: skip
+# Hugging Face model_type -> the architecture it is written as
+EXPORT_ARCHITECTURES = {
+    **{a.model_type: a for a in GGUF_ARCHITECTURES.values()},
+    "mistral": GGUF_ARCHITECTURES["llama"],  # llama.cpp runs Mistral as llama
+}
 
 
-def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order: within each head GGUF row ``2b + a`` is HF row ``a * d/2 + b``."""
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def field(reader, key, default=None):
-    """The value of a GGUF metadata field, or ``default`` when the file lacks it."""
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-def architecture_of(reader, path: Path) -> tuple[str, GGUFArch]:
-    arch = field(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
+def arch_for_export(hf_config: dict) -> GGUFArch:
+    """The architecture a model of this config is written as, or a ValueError."""
+    model_type = hf_config.get("model_type")
+    if model_type not in EXPORT_ARCHITECTURES:
         raise ValueError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
+            f"GGUF export: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(EXPORT_ARCHITECTURES))}"
         )
-    return arch, GGUF_ARCHITECTURES[arch]
-
-
-def gguf_config(reader, path: Path) -> dict:
-    """The transformers config (as config.json holds it) that the GGUF metadata describes."""
-    from transformers import AutoConfig
-
-    name, arch = architecture_of(reader, path)
-    missing = [k for k in _REQUIRED if field(reader, f"{name}.{k}") is None]
-    if missing:
-        raise ValueError(f"{path}: GGUF metadata lacks {name}.{missing[0]}")
-    kwargs = {}
-    for key, hf_key in {**_COMMON_KEYS, **arch.extra_keys}.items():
-        value = field(reader, f"{name}.{key}")
-        if value is not None:
-            kwargs[hf_key] = float(np.float32(value)) if isinstance(value, float) else value
-    names = {t.name for t in reader.tensors}
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
-    kwargs.setdefault("vocab_size", int(embed.shape[-1]))
-    kwargs["tie_word_embeddings"] = "output.weight" not in names
-    for hf_key, gguf_key in (
-        ("bos_token_id", "bos_token_id"),
-        ("eos_token_id", "eos_token_id"),
-        ("pad_token_id", "padding_token_id"),
-    ):
-        value = field(reader, f"tokenizer.ggml.{gguf_key}")
-        if value is not None:
-            kwargs[hf_key] = int(value)
-    rotary = field(reader, f"{name}.rope.dimension_count")
-    if name == "phi3" and rotary is not None:
-        head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
-        if rotary != head_dim:
-            kwargs["partial_rotary_factor"] = rotary / head_dim
-    scaling = field(reader, f"{name}.rope.scaling.type")
-    if scaling == "linear":  # Gemma 3 4B+: on the global layers (transformers applies it so)
-        factor = float(np.float32(field(reader, f"{name}.rope.scaling.factor", 1.0)))
-        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": factor}
-    elif scaling not in (None, "none") or "rope_factors_long.weight" in names:
-        raise ValueError(f"{path}: GGUF rope scaling {scaling or 'longrope'!r} is not supported")
-    try:
-        config = AutoConfig.for_model(arch.model_type, **kwargs).to_dict()
-    except Exception as e:  # transformers' config validation raises several kinds
-        raise ValueError(f"{path}: GGUF metadata is not a valid {name} config ({e})") from None
-    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"):
-        config.pop(key, None)  # transformers' bookkeeping; save_hf names the class
-    return config
+    return EXPORT_ARCHITECTURES[model_type]

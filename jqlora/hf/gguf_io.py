@@ -18,7 +18,7 @@ import numpy as np
 
 from jqlora.hf import names as names_lib
 from jqlora.hf.convert import convert_tensor, progress_bar, release_freed_memory
-from jqlora.hf.gguf_arch import architecture_of, gguf_config
+from jqlora.hf.gguf_hparams import architecture_of, gguf_config
 from jqlora.models import model_for_config
 
 GGUF_MAGIC = b"GGUF"
@@ -59,11 +59,12 @@ def read_gguf(path: Path) -> tuple[dict, list, Iterator[tuple[str, str, np.ndarr
     path = Path(path)
     reader = open_gguf(path)
     config = gguf_config(reader, path)
-    _, arch = architecture_of(reader, path)
+    arch = architecture_of(reader, path)
+    hf_names = arch.hf_names(config["num_hidden_layers"])
 
     def stream():
         for tensor in reader.tensors:
-            name = arch.hf_name(tensor.name)
+            name = hf_names.get(tensor.name)
             if name is None:
                 raise ValueError(
                     f"{path}: unexpected tensor {tensor.name!r} for a {config['model_type']} model"
@@ -74,7 +75,7 @@ def read_gguf(path: Path) -> tuple[dict, list, Iterator[tuple[str, str, np.ndarr
                 raise ValueError(
                     f"{path}: tensor {tensor.name!r}: cannot dequantize ({e})"
                 ) from None
-            yield tensor.name, name, arch.to_hf(array, tensor.name, config)
+            yield tensor.name, name, arch.to_hf(array, name, config)
 
     return config, list(reader.tensors), stream()
 

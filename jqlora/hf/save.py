@@ -35,7 +35,8 @@ def hf_config_for(model, params_flat: dict, quantization: QuantConfig | None) ->
     config.pop("quantization_config", None)
     config.pop("torch_dtype", None)
     config["dtype"] = _float_dtype_name(params_flat)
-    config.setdefault("architectures", [architecture(config["model_type"])])
+    if not config.get("architectures"):  # a GGUF-read config leaves the class to save_hf
+        config["architectures"] = [architecture(config["model_type"])]
     if quantization is not None:
         config["quantization_config"] = quantization.to_hf(config["dtype"])
     return config

@@ -58,7 +58,7 @@ def _layer_types(d: dict, gemma3: bool) -> list[str]:
     return [_SLIDING if (i + 1) % every else _FULL for i in range(d["num_hidden_layers"])]
 
 
-def _gemma3_ropes(d: dict) -> dict[str, dict]:
+def gemma3_ropes(d: dict) -> dict[str, dict]:
     """``{layer type: rope parameters}`` of a Gemma 3 config, new form or old."""
     nested = d.get("rope_parameters")
     if isinstance(nested, dict) and (_SLIDING in nested or _FULL in nested):
@@ -85,7 +85,7 @@ def config_from_hf(d: dict) -> DecoderConfig:
     head_dim = d.get("head_dim") or 256
     kinds = _layer_types(d, gemma3)
     if gemma3:
-        by_kind = _gemma3_ropes(d)
+        by_kind = gemma3_ropes(d)
         ropes = tuple(dict.fromkeys(freeze_rope(by_kind[k]) for k in kinds))
         layer_ropes = tuple(ropes.index(freeze_rope(by_kind[k])) for k in kinds)
     else:
