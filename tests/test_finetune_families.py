@@ -13,8 +13,8 @@ from finetune_tiny import chat_records, make_tokenizer, texts_of, write_jsonl
 from hf_reference import make_tiny, random_ids, torch_logits
 
 import jqlora
-from jqlora.hf.peft import load_peft_adapter
 from jqlora.app import loop
+from jqlora.hf.peft import load_peft_adapter
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3"])

@@ -118,9 +118,7 @@ def test_commands_take_a_hub_id(hub_home, tmp_path):
     adapter_config = json.loads(next((tmp_path / "out").rglob("adapter_config.json")).read_text())
     assert adapter_config["base_model_name_or_path"] == "org/tiny"  # what PEFT loads the base by
     for command in (["generate", "--prompt", "hi"], ["estimate-memory"]):
-        done = run(
-            hub_home, ["-m", "jqlora", command[0], "--model", "org/missing", *command[1:]]
-        )
+        done = run(hub_home, ["-m", "jqlora", command[0], "--model", "org/missing", *command[1:]])
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
         assert "org/missing" in last and "HF_HUB_OFFLINE" in last, last

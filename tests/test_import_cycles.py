@@ -15,6 +15,7 @@ import jqlora
 
 PACKAGE_DIR = Path(jqlora.__file__).parent
 
+
 def module_names() -> dict[str, Path]:
     """``{dotted module name: file}`` of every module of the package."""
     modules = {}

@@ -16,8 +16,8 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:
-    from jqlora.hf.load import load_hf as load_hf
-    from jqlora.hf.quant_config import QuantConfig as QuantConfig
     from jqlora.hf.gguf_export import save_gguf as save_gguf
     from jqlora.hf.gguf_export import save_gguf_adapter as save_gguf_adapter
+    from jqlora.hf.load import load_hf as load_hf
+    from jqlora.hf.quant_config import QuantConfig as QuantConfig
     from jqlora.hf.save import save_hf as save_hf

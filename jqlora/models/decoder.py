@@ -200,9 +200,7 @@ class DecoderModel(Backbone):
             positions = kv_cache.default_positions(b, s, cache)
         masks, valid = [], None
         for window in c.windows:
-            mask, valid = kv_cache.attention_mask(
-                b, s, attention_mask, cache, window, segment_ids
-            )
+            mask, valid = kv_cache.attention_mask(b, s, attention_mask, cache, window, segment_ids)
             masks.append(mask)
         # Once per call, shared by every layer (see rope.rope_tables).
         tables = tuple(
