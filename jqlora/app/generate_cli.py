@@ -168,7 +168,8 @@ def _common(p: argparse.ArgumentParser, default_new_tokens: int) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="a Hugging Face checkpoint directory, a llama .gguf file, or smollm2-135m-instruct "
+        help="a Hugging Face checkpoint directory or Hub id (org/name), a .gguf file, or "
+        "smollm2-135m-instruct "
         "(the model `jqlora finetune` trains by default)",
     )
     p.add_argument(

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="model directory or its config.json (Hugging Face), a llama .gguf file, or "
+        help="model directory or its config.json (Hugging Face), a Hub id, a .gguf file, or "
         "smollm2-135m-instruct",
     )
     p.add_argument(

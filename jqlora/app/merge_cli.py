@@ -108,8 +108,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="base checkpoint: a Hugging Face directory (float or bitsandbytes 4-bit), a llama "
-        ".gguf file, or smollm2-135m-instruct",
+        help="base checkpoint: a Hugging Face directory (float or bitsandbytes 4-bit) or Hub "
+        "id (org/name), a .gguf file, or smollm2-135m-instruct",
     )
     p.add_argument(
         "--adapter",
