@@ -10,6 +10,7 @@ maybe quantized to NF4/FP4). The result equals transformers' GGUF loader bit for
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,20 @@ def open_gguf(path: Path):
         raise ValueError(f"{path}: cannot read GGUF file: {e}") from None
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Any error from interpreting a file's metadata (a corrupt byte can make a head count
+    zero, a name undecodable, a shape not fit) as one ValueError that names the file."""
+    try:
+        yield
+    except ValueError as e:  # UnicodeDecodeError too
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: inconsistent GGUF metadata ({e})") from None
+    except (TypeError, ArithmeticError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path}: inconsistent GGUF metadata ({type(e).__name__}: {e})") from None
+
+
 def read_gguf(path: Path) -> tuple[dict, list, Iterator[tuple[str, str, np.ndarray]]]:
     """``(config, tensors, stream)``: the transformers config of a GGUF file, its tensor
     entries, and ``(gguf name, Hugging Face name, array)`` for each tensor, dequantized one
@@ -58,9 +73,10 @@ def read_gguf(path: Path) -> tuple[dict, list, Iterator[tuple[str, str, np.ndarr
 
     path = Path(path)
     reader = open_gguf(path)
-    config = gguf_config(reader, path)
-    arch = architecture_of(reader, path)
-    hf_names = arch.hf_names(config["num_hidden_layers"])
+    with _naming(path):
+        config = gguf_config(reader, path)
+        arch = architecture_of(reader, path)
+        hf_names = arch.hf_names(config["num_hidden_layers"])
 
     def stream():
         for tensor in reader.tensors:
@@ -75,7 +91,9 @@ def read_gguf(path: Path) -> tuple[dict, list, Iterator[tuple[str, str, np.ndarr
                 raise ValueError(
                     f"{path}: tensor {tensor.name!r}: cannot dequantize ({e})"
                 ) from None
-            yield tensor.name, name, arch.to_hf(array, name, config)
+            with _naming(path):
+                array = arch.to_hf(array, name, config)
+            yield tensor.name, name, array
 
     return config, list(reader.tensors), stream()
 
@@ -84,8 +102,9 @@ def load_gguf(path: Path, quantization, dtype, compute_dtype, progress=None):
     """``(model, params)`` from a GGUF file (see the module doc)."""
     path = Path(path)
     config, tensors, stream = read_gguf(path)
-    model = model_for_config(config, compute_dtype, source=str(path))
-    expected = names_lib.expected_params(model)
+    with _naming(path):  # sizes that disagree fail only when the model traces them
+        model = model_for_config(config, compute_dtype, source=str(path))
+        expected = names_lib.expected_params(model)
     flat = {}
     with progress_bar(len(tensors), f"loading {path.name}", progress) as bar:
         for gguf_name, name, w in stream:
