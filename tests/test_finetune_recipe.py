@@ -14,7 +14,7 @@ import yaml
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
 from transformers import get_scheduler
 
-from jqlora.app import config as config_lib
+from jqlora.app import config_io
 from jqlora.app.cli import build_parser, main
 from jqlora.train.optimizers import OPTIMIZERS
 from jqlora.train.schedules import SCHEDULES
@@ -64,7 +64,7 @@ def test_recipe_run(tiny, tmp_path):
              "--min-lr-ratio", "0.1", "--packing", "--eval-data", held_out,
              "--report-to", "tensorboard"]  # fmt: skip
     logs = []
-    config = config_lib.from_args(
+    config = config_io.from_args(
         build_parser().parse_args(
             ["finetune", "--model", model_dir, "--data", data, "--out", out, *COMMON, *flags]
         )
@@ -125,15 +125,15 @@ def test_every_choice_parses_and_bad_values_are_refused(tiny, capsys):
     parser = build_parser()
     for name in OPTIMIZERS:
         assert (
-            config_lib.from_args(
+            config_io.from_args(
                 parser.parse_args(["finetune", "--optimizer", name])
             ).optim.optimizer
             == name
         )
     for name in SCHEDULES:
-        c = config_lib.from_args(parser.parse_args(["finetune", "--lr-scheduler", name]))
+        c = config_io.from_args(parser.parse_args(["finetune", "--lr-scheduler", name]))
         assert c.schedule.lr_scheduler == name
-    c = config_lib.from_args(parser.parse_args(["finetune", "--report-to", "tensorboard,wandb"]))
+    c = config_io.from_args(parser.parse_args(["finetune", "--report-to", "tensorboard,wandb"]))
     assert c.output.report_to == "tensorboard,wandb"
     bad = [
         (["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),

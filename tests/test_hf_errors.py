@@ -56,7 +56,7 @@ def test_the_good_checkpoint_loads(good):
 def test_unsupported_model_type_lists_supported(good, tmp_path):
     with pytest.raises(
         ValueError,
-        match=r"config.json: unsupported model_type 'bert'; supported: gpt2, llama, mistral, opt, qwen2",
+        match=r"config.json: unsupported model_type 'bert'; supported: gemma2, gemma3, gemma3_text, gpt2, llama, mistral, opt, phi3, qwen2, qwen3",
     ):
         jqlora.load_hf(variant(good, tmp_path, config={"model_type": "bert"}))
 

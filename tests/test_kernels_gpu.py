@@ -86,9 +86,10 @@ def test_dequantize_kernel_equals_xla_dequantize():
             )
 
 
-def test_qmatmul_routes_by_m_and_differentiates():
+def test_qmatmul_routes_by_m_and_differentiates(monkeypatch):
     """Through `qmatmul` and jax.grad on the GPU back end (interpreted): the table's route
-    for each M, forward and dx, against the XLA back end."""
+    for each M, forward and dx, against the XLA back end. Lowered for a GPU whose table was
+    not tuned on it, `qmatmul` calls no kernel unless asked (`JQLORA_QMATMUL=pallas`)."""
     qt = quantize(jax.random.normal(jax.random.key(0), (48, 256)), "nf4", 64, True)
     for m in (1, 4, 5, 64):
         x = jax.random.normal(jax.random.key(m), (m, 256))
@@ -101,6 +102,10 @@ def test_qmatmul_routes_by_m_and_differentiates():
         (y, dx), (y_ref, dx_ref) = (value_and_dx(b, x, ct) for b in ("pallas_gpu", "xla"))
         assert rel_err(y, np.asarray(y_ref, np.float64)) < 2e-6
         assert rel_err(dx, np.asarray(dx_ref, np.float64)) < 2e-6
+    monkeypatch.delenv("JQLORA_QMATMUL", raising=False)
+    text = lowered_text(lambda x: qmatmul(x, qt), jnp.ones((1, 256)), platform="cuda")
+    assert triton_kernel_names(text) == []
+    monkeypatch.setenv("JQLORA_QMATMUL", "pallas")
     text = lowered_text(lambda x: qmatmul(x, qt), jnp.ones((1, 256)), platform="cuda")
     assert triton_kernel_names(text) == ["gemv_nf4"]
     text = lowered_text(lambda x: qmatmul(x, qt), jnp.ones((64, 256)), platform="cuda")
@@ -186,11 +191,12 @@ def test_kernel_body_does_at_most_six_operations_per_weight(path):
     assert per_weight >= 3  # the count sees the unpacking and the lookup at least
 
 
-def test_train_step_lowers_with_one_dequantize_call_per_projection_and_direction():
+def test_train_step_lowers_with_one_dequantize_call_per_projection_and_direction(monkeypatch):
     """A decoder's QLoRA train step on the GPU back end, lowered for CUDA: every quantized
     projection is one dequantize kernel forward and one backward (batch 2 x 8 = 16 rows,
     past the GEMV rows), plus XLA's dots; no other kernel. The first layer's q, k and v
     need no backward: their dx would only reach the frozen embedding, and jax drops it."""
+    monkeypatch.setenv("JQLORA_QMATMUL", "pallas")  # the kernels, as on a tuned GPU
     model = TinyLM(vocab=64, hidden=64, heads=4, intermediate=128, layers=2)
     params = init_params(model, jax.random.key(0))
     lora = make_lora(jax.random.key(1), params)

@@ -192,12 +192,12 @@ def test_pissa_residual_base_equals_peft(tiny):
     from peft import LoraConfig, get_peft_model
 
     from jqlora.hf.names import flatten
-    from jqlora.lora import init_lora_and_residual
+    from jqlora.lora import init_lora_from_base
 
     name, path, reference, model, params = tiny
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa")
     peft_model = get_peft_model(load_eager(path), config).eval()
-    residual, lora = init_lora_and_residual(
+    residual, lora = init_lora_from_base(
         jax.random.key(0), params, jqlora.LoraConfig(r=4, alpha=8, init="pissa")
     )
     ours = flatten(residual)

@@ -35,8 +35,7 @@ from jqlora.app import argtypes
 from jqlora.app.loggers import parse_report_to
 from jqlora.hf.quant_config import QuantConfig, as_quant_config
 from jqlora.lora.config import LoraConfig
-from jqlora.train.optimizers import OPTIMIZERS
-from jqlora.train.schedules import DEFAULT_SCHEDULE, SCHEDULES
+from jqlora.train.choices import DEFAULT_SCHEDULE, OPTIMIZERS, SCHEDULES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OUT = os.path.join("runs", "smollm2-house-style")

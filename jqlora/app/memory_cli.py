@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jqlora.app import argtypes
-from jqlora.train.optimizers import OPTIMIZERS
+from jqlora.train.choices import OPTIMIZERS
 
 
 def register(subparsers) -> None:

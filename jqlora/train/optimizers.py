@@ -21,8 +21,9 @@ from __future__ import annotations
 import optax
 
 from jqlora.train.adamw_8bit import MIN_8BIT_SIZE, adamw_8bit
+from jqlora.train.choices import OPTIMIZERS
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "adafactor", "sgd")
+__all__ = ["OPTIMIZERS", "make_optimizer"]
 
 
 def make_optimizer(

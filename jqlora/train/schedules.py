@@ -23,9 +23,7 @@ import math
 
 import optax
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
-DEFAULT_SCHEDULE = "constant_with_warmup"
-DEFAULT_WARMUP_RATIO = 0.03
+from jqlora.train.choices import DEFAULT_WARMUP_RATIO, SCHEDULES
 
 
 def warmup_steps(total_steps: int, steps: int | None = None, ratio: float | None = None) -> int:
