@@ -42,7 +42,7 @@ from jqlora.quant import QuantizedTensor, dequantize
 
 Q = gguf.GGMLQuantizationType
 #: outtype -> the tensor type and the file type llama.cpp records for it (gguf's own names)
-_QTYPES = {name: Q[name.upper()] for name in OUTTYPES}
+_QTYPES = {name: gguf.GGMLQuantizationType[name.upper()] for name in OUTTYPES}
 _FILE_TYPES = {
     name: gguf.LlamaFileType["ALL_F32" if name == "f32" else "MOSTLY_" + name.upper()]
     for name in OUTTYPES
