@@ -62,6 +62,7 @@ def whole(tiny, tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # second tier: kill and resume (tests/README.md)
 def test_run_killed_during_a_save_resumes_to_the_identical_adapter(
     tiny, whole, tmp_path, monkeypatch
 ):
@@ -239,6 +240,7 @@ def test_existing_run_needs_resume_and_the_same_settings(tiny, whole, tmp_path, 
         checkpoint_to_resume(config.replace(scan_layers=True))
 
 
+@pytest.mark.slow  # second tier: two finetune runs against each other
 def test_scan_layers_run_equals_the_unrolled_run(tiny, tmp_path):
     """A run with ``scan_layers`` (dropout on: the loop draws the unrolled masks) trains the
     adapter the unrolled run trains; in float32, since in bfloat16 the two programs round

@@ -182,6 +182,7 @@ def _random_lora(params, r, seed, targets):
     )
 
 
+@pytest.mark.slow  # second tier: jqlora against itself, no outside reference (tests/README.md)
 def test_stacked_adapters_equal_each_adapter_alone(bases):
     _, model, params, _ = bases("llama")
     loras = [

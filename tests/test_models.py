@@ -177,6 +177,7 @@ def test_lora_entry_equals_merged_weight_in_transformers(tiny):
     assert np.abs(got - torch_logits(reference, ids)).max() > 1e-2  # the adapter did something
 
 
+@pytest.mark.slow  # second tier: jqlora against itself, no outside reference (tests/README.md)
 def test_remat_keeps_lora_gradients():
     """``remat`` (a jax.checkpoint_policies name) recomputes layers in the backward pass
     without changing the adapter gradients; the params tree keeps its HF paths."""

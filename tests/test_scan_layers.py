@@ -16,6 +16,10 @@ from hf_reference import make_tiny, random_ids
 import jqlora
 from jqlora.train.step import configure_model, init_train_state, make_train_step
 
+# Second tier: the scanned step against the unrolled one, jqlora against itself (the
+# scanned logits against transformers stay in test_models.py's fast tier).
+pytestmark = pytest.mark.slow
+
 LAYERS = 4
 
 

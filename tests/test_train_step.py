@@ -150,6 +150,7 @@ def _stack_layers(tree, n):
     }
 
 
+@pytest.mark.slow  # second tier: jqlora against itself, no outside reference (tests/README.md)
 def test_remat_and_scan_compute_the_same_step():
     model, params, lora = _setup(quantized=False)
     batch = _batch(jax.random.key(2))
@@ -177,6 +178,7 @@ def test_remat_and_scan_compute_the_same_step():
         )
 
 
+@pytest.mark.slow  # second tier: jqlora against itself, no outside reference (tests/README.md)
 def test_remat_saves_activation_memory():
     """Scanned layers: XLA's CPU scheduler recomputes unrolled checkpointed layers early,
     so only under ``nn.scan`` does remat's saving show in the CPU memory analysis."""

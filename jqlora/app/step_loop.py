@@ -65,7 +65,7 @@ def train_steps(run: Run) -> tuple[TrainState, float | None]:
             done = step + 1
             state, line = _settle(run, update, done)
             # The schedule at this step (each skipped update before it delays the optimizer's).
-            line.update(tokens=update.targets, tokens_per_s=update.tokens / dt)
+            line.update(tokens=update.targets, tokens_per_s=update.tokens / dt, step_s=dt)
             if run.schedule is not None:
                 line.update(lr=float(run.schedule(step)))
             streak = record.nonfinite_streak
