@@ -13,6 +13,7 @@ import pytest
 import torch
 from adapter_reference import exact_nf4
 from finetune_tiny import chat_records, make_tiny_model_dir, texts_of, write_jsonl
+from transformers import get_scheduler
 
 import jqlora
 from jqlora.app.cli import main
@@ -36,15 +37,22 @@ def test_offload_remat_epochs_fp4_seed_run_loads_in_peft(tmp_path):
     argv += ["--eval-every", "1000", "--save-every", "1000"]
     assert main(argv) == 0
 
-    # Two passes over the training split, a linear warm-up over 3 % of the steps (at
-    # least one) from 0 to --lr, then constant: optax's warmup_constant_schedule, written out.
+    # Two passes over the training split; QLoRA's schedule: transformers' constant_with_warmup
+    # over warmup_ratio 0.03 of the steps (Trainer rounds the warm-up up), update k at its
+    # index k-1.
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = len(metrics)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert steps >= 100  # 2 epochs of ~108 training examples, 2 a batch
-    warmup = max(1, round(0.03 * steps))
+    warmup = math.ceil(0.03 * steps)
     assert warmup > 1
-    expected = [LR * min(1.0, (m["step"] - 1) / warmup) for m in metrics]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    schedule = get_scheduler("constant_with_warmup", opt, warmup, steps)
+    expected = []
+    for _ in metrics:
+        expected.append(schedule.get_last_lr()[0])
+        opt.step()
+        schedule.step()
     np.testing.assert_allclose([m["lr"] for m in metrics], expected, rtol=1e-6, atol=0)
     assert all(math.isfinite(m["loss"]) for m in metrics)
 
