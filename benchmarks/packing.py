@@ -30,18 +30,23 @@ def padding_share(stream) -> float:
     return 1.0 - real / slots
 
 
-def streams(seq_len: int, batch_size: int, seed: int = 0):
+def streams():
+    """The default run's training batches, padded and packed (its data, split, sizes, seed)."""
+    from jqlora.app.config import FinetuneConfig
     from jqlora.app.run_args import default_data_path
     from jqlora.hf.smollm2 import smollm2_gguf_path
     from jqlora.train import data
     from jqlora.train.packing import PackedStream
 
+    config = FinetuneConfig()
+    d, seed = config.data, config.loop.seed
     tokenizer = data.load_tokenizer(smollm2_gguf_path(fetch=True))
-    examples, _ = data.load_examples(default_data_path(), tokenizer, seq_len)
+    examples, _ = data.load_examples(default_data_path(), tokenizer, d.seq_len)
+    train, _ = data.split_eval(examples, d.eval_fraction, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return {
-        "padded": data.BatchStream(examples, batch_size, seq_len, pad, seed),
-        "packed": PackedStream(examples, batch_size, seq_len, pad, seed),
+        "padded": data.BatchStream(train, d.batch_size, d.seq_len, pad, seed),
+        "packed": PackedStream(train, d.batch_size, d.seq_len, pad, seed),
     }
 
 
@@ -63,10 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--out", default="/tmp/packing")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
     args = p.parse_args()
-    for name, stream in streams(args.seq_len, args.batch_size).items():
+    for name, stream in streams().items():
         print(
             f"{name}: {stream.batches_per_epoch} micro-batches an epoch, "
             f"padding share {padding_share(stream):.1%}",

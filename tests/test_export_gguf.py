@@ -215,14 +215,13 @@ def test_adapter_gguf_applied_by_hand_gives_the_merged_model(tiny):
     assert _relative_error(got, tiny["merged"]) <= 1e-4  # measured: 0.6-2.3e-6
 
 
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)  # one family is enough
 def test_bnb_4bit_base_exports_its_dequantized_weights(tiny):
     """A bitsandbytes 4-bit checkpoint (``jqlora quantize``) exports as the float model it
     stands for: the f32 GGUF computes what transformers + bitsandbytes compute on it."""
     from adapter_reference import bnb_nf4_config, exact_nf4
     from transformers import AutoModelForCausalLM
 
-    if tiny["family"] != "llama":
-        pytest.skip("one family is enough for the 4-bit source")
     nf4 = tiny["dir"] / "base-nf4"
     assert main(["quantize", str(tiny["dir"] / "base"), str(nf4)]) == 0
     reference = AutoModelForCausalLM.from_pretrained(
