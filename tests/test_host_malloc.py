@@ -119,6 +119,13 @@ def test_a_train_step_frees_its_temporary_before_its_call_returns():
     assert held < 0.25
     # The environment's choice is left alone; with it, the whole temporary is still held
     # after the loss of some of the 10 steps, which is why the settings turn it off.
-    held, asynchronous = _inline_probe(JAX_CPU_ENABLE_ASYNC_DISPATCH="true")
-    assert asynchronous is True
-    assert held > 0.5
+    # That is a race, lost in most processes but not all (one CI run saw none of the 10 steps
+    # hold it): up to three processes, one must show it.
+    helds = []
+    for _ in range(3):
+        held, asynchronous = _inline_probe(JAX_CPU_ENABLE_ASYNC_DISPATCH="true")
+        assert asynchronous is True
+        helds.append(held)
+        if held > 0.5:
+            break
+    assert max(helds) > 0.5, helds
